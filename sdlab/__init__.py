@@ -1,0 +1,3 @@
+"""sdlab: Stable Diffusion from scratch in PyTorch."""
+
+__version__ = "0.1.0"
