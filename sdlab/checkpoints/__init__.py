@@ -1,0 +1,133 @@
+"""Reading and writing Stable Diffusion checkpoints: diffusers folders and original single files.
+
+    ckpt = load_checkpoint("v1-5-pruned-emaonly.safetensors")   # or a diffusers folder
+    ckpt.config          # ModelConfig, detected from the weights (or read from config.json)
+    ckpt.unet, ckpt.vae, ckpt.text_encoder   # diffusers-named state dicts, memory-mapped where possible
+    save_diffusers("out/", ckpt.config, ckpt.unet, ckpt.vae, ckpt.text_encoder, dtype=torch.float16)
+
+Modules: `io` (safe reading by content), `keymaps` (original <-> diffusers names, as tables), `convert` (the
+dict -> dict converters), `detect` (which family is this file?), `configs` (config.json <-> dataclasses),
+`diffusers_folder`, `single_file`, `atomic` (atomic writes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import CheckpointError, ParameterError
+from .atomic import DestinationExistsError, atomic_folder, atomic_write
+from .convert import diffusers_to_ldm, ldm_to_diffusers
+from .detect import SUPPORTED_FAMILIES, detect_family, resolve_family
+from .diffusers_folder import cast, is_diffusers_folder, read_folder, write_folder
+from .io import read_checkpoint, read_state_dict
+from .single_file import read_single_file, write_single_file
+
+__all__ = [
+    "LoadedCheckpoint", "load_checkpoint", "save_diffusers", "save_single_file", "read_state_dict",
+    "read_checkpoint", "detect_family", "ldm_to_diffusers", "diffusers_to_ldm", "atomic_write", "atomic_folder",
+    "DestinationExistsError", "SUPPORTED_FAMILIES",
+]  # fmt: skip
+
+log = logging.getLogger(__name__)
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint's config and its three networks' weights, named as sdlab's (= diffusers') modules."""
+
+    config: ModelConfig
+    unet: StateDict
+    vae: StateDict
+    text_encoder: StateDict
+    tokenizer_dir: Path | None  # the folder's tokenizer/, or None (single files carry none)
+    source: Path
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    family: str | ModelConfig | None = None,
+    prediction: str | None = None,
+    variant: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> LoadedCheckpoint:
+    """Read a diffusers folder or a single-file checkpoint (`.safetensors`, `.ckpt`, `.bin`, by content).
+
+    `family` (a preset name such as "sd15"/"sd21", or a ModelConfig) replaces detection; `prediction`
+    ("epsilon" or "v_prediction") overrides what the files say or what detection assumes (see
+    `sdlab.checkpoints.detect`); `variant` picks e.g. the `fp16` files of a diffusers folder; `dtype`
+    converts floating-point weights (otherwise they keep the file's dtype and stay memory-mapped).
+    """
+    path = Path(path)
+    _check_prediction(prediction)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_dir():
+        config, weights, tokenizer_dir = _load_folder(path, family, prediction, variant)
+    else:
+        if variant:
+            log.warning("%s: variant=%r ignored: it applies to diffusers folders only", path, variant)
+        config, weights = read_single_file(path, family=family, prediction=prediction)
+        tokenizer_dir = None
+    weights = {name: cast(sd, dtype) for name, sd in weights.items()}
+    log.info("loaded %s as %s (%s)", path, config.name, config.prediction)
+    return LoadedCheckpoint(config, weights["unet"], weights["vae"], weights["text_encoder"], tokenizer_dir, path)
+
+
+def save_diffusers(
+    folder: str | os.PathLike,
+    config: ModelConfig,
+    unet: StateDict,
+    vae: StateDict,
+    text_encoder: StateDict,
+    *,
+    dtype: torch.dtype | None = None,
+    variant: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a diffusers folder (loadable by `StableDiffusionPipeline.from_pretrained`), atomically; an
+    existing folder is replaced only with `overwrite=True`."""
+    components = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+    return write_folder(Path(folder), config, components, dtype=dtype, variant=variant, overwrite=overwrite)
+
+
+def save_single_file(
+    path: str | os.PathLike,
+    config: ModelConfig,
+    unet: StateDict,
+    vae: StateDict,
+    text_encoder: StateDict,
+    *,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write one original-layout `.safetensors` file, atomically; an existing file is replaced only with
+    `overwrite=True`."""
+    components = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+    return write_single_file(Path(path), config, components, dtype=dtype, overwrite=overwrite)
+
+
+def _load_folder(path: Path, family, prediction, variant):
+    if not is_diffusers_folder(path):
+        raise CheckpointError(
+            f"{path}: a folder without model_index.json; give a diffusers folder or a single checkpoint file"
+        )
+    config, weights, tokenizer_dir = read_folder(path, variant=variant)
+    if family is not None:
+        config = resolve_family(family)
+    if prediction:
+        config = config.replace(prediction=prediction)
+    return config, weights, tokenizer_dir
+
+
+def _check_prediction(prediction: str | None) -> None:
+    if prediction not in (None, "epsilon", "v_prediction"):
+        raise ParameterError(f"prediction={prediction!r}: use 'epsilon' or 'v_prediction'")

@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""Peak memory of `sdlab.checkpoints.load_checkpoint` on an SD 1.5-sized fp32 checkpoint, vs the weight size.
+
+Writes random weights of SD 1.5's shapes (about 4.3 GB in fp32) as a diffusers folder and/or a single
+`.safetensors` file in a temporary directory, then, for each, loads it in a fresh Python process and reports
+
+    peak RSS (ru_maxrss) after loading and touching every weight  -  RSS after `import torch, sdlab`
+    -------------------------------------------------------------------------------------------------
+                                  bytes of the fp32 weights
+
+The target is < 1.3: the loader must not hold the weights twice (safetensors is memory-mapped; renaming
+keys and reshaping the VAE's 1x1 convolutions are views). Every tensor is summed so that all pages are read,
+as building the model and running it would.
+
+    python scripts/measure_load_memory.py [--layout diffusers|single-file|both] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+CHILD = r"""
+import json, resource, sys
+import torch
+import sdlab.checkpoints as ck
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+ckpt = ck.load_checkpoint(sys.argv[1])
+after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+nbytes = 0
+for sd in (ckpt.unet, ckpt.vae, ckpt.text_encoder):
+    for t in sd.values():
+        t.sum()  # read every page
+        nbytes += t.numel() * t.element_size()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"base_kib": base, "after_load_kib": after_load, "peak_kib": peak, "weight_bytes": nbytes,
+                  "family": ckpt.config.name}))
+"""
+
+
+def random_sd15_weights() -> dict[str, dict[str, torch.Tensor]]:
+    """SD 1.5's three networks with random fp32 weights (shapes from sdlab's own networks)."""
+    from sdlab.config import SD15
+    from sdlab.nn.clip import TextEncoder
+    from sdlab.nn.unet import UNet
+    from sdlab.nn.vae import VAE
+
+    with torch.device("meta"):
+        nets = {"unet": UNet(SD15.unet), "vae": VAE(SD15.vae), "text_encoder": TextEncoder(SD15.text_encoder)}
+    generator = torch.Generator().manual_seed(0)
+    return {
+        name: {k: torch.randn(v.shape, generator=generator) * 0.02 for k, v in net.state_dict().items()}
+        for name, net in nets.items()
+    }
+
+
+def write_checkpoints(folder: Path, layouts: list[str]) -> dict[str, Path]:
+    from sdlab.checkpoints import save_diffusers, save_single_file
+    from sdlab.config import SD15
+
+    weights = random_sd15_weights()
+    args = (SD15, weights["unet"], weights["vae"], weights["text_encoder"])
+    paths = {}
+    if "diffusers" in layouts:
+        paths["diffusers"] = save_diffusers(folder / "sd15-diffusers", *args)
+    if "single-file" in layouts:
+        paths["single-file"] = save_single_file(folder / "sd15.safetensors", *args)
+    return paths
+
+
+def measure(path: Path) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, str(path)], check=True, capture_output=True, text=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["ratio"] = (result["peak_kib"] - result["base_kib"]) * 1024 / result["weight_bytes"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layout", choices=["diffusers", "single-file", "both"], default="both")
+    parser.add_argument("--dir", type=Path, help="make the temporary directory here (needs about 9 GB free)")
+    args = parser.parse_args()
+    layouts = ["diffusers", "single-file"] if args.layout == "both" else [args.layout]
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        paths = write_checkpoints(Path(tmp), layouts)
+        for layout, path in paths.items():
+            r = measure(path)
+            print(
+                f"{layout:12s} {r['family']}: weights {r['weight_bytes'] / 2**30:.2f} GiB fp32; "
+                f"RSS after import {r['base_kib'] / 2**20:.2f} GiB; peak after load {r['after_load_kib'] / 2**20:.2f} GiB, "
+                f"after touching every weight {r['peak_kib'] / 2**20:.2f} GiB; "
+                f"(peak - baseline) / weights = {r['ratio']:.3f} (target < 1.3)"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Pure dict -> dict converters between the original single-file layout and the diffusers layout.
+
+Both directions read the same `keymaps` tables. Tensors are passed through without copying (renamed, or
+viewed with another shape); only joining q/k/v into OpenCLIP's fused matrix must allocate. Every key is
+accounted for: a key under a network's prefix that no table entry covers, or a table entry that no key
+fills, raises `CheckpointError` listing them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import CheckpointError
+from .keymaps import CLIP_ROOT, IGNORED_KEYS, IGNORED_PREFIXES, OPENCLIP_FUSED_QKV, OPENCLIP_ROOT, KeyMap, keymaps
+
+log = logging.getLogger(__name__)
+
+StateDict = dict[str, torch.Tensor]
+COMPONENTS = ("unet", "vae", "text_encoder")
+TEXT_MODEL = "text_model."
+
+
+def ldm_to_diffusers(state_dict: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, StateDict]:
+    """Split an original single-file state dict into diffusers-named {"unet", "vae", "text_encoder"} dicts."""
+    state_dict = normalize_ldm_keys(state_dict)
+    maps = keymaps(config, openclip=any(k.startswith(OPENCLIP_ROOT) for k in state_dict))
+    out = {name: _component_to_diffusers(state_dict, km, name) for name, km in maps.items()}
+    roots = tuple(km.root for km in maps.values())
+    others = [k for k in state_dict if not k.startswith(roots)]
+    if others:
+        log.info("ignored %d keys outside the three networks (EMA copies, schedule buffers...), e.g. %s",
+                 len(others), others[:3])
+    return out
+
+
+def diffusers_to_ldm(components: Mapping[str, Mapping[str, torch.Tensor]], config: ModelConfig) -> StateDict:
+    """Join diffusers-named {"unet", "vae", "text_encoder"} dicts into one original-layout state dict."""
+    missing = [name for name in COMPONENTS if name not in components]
+    if missing:
+        raise CheckpointError(f"diffusers_to_ldm: missing components {missing}; give all of {list(COMPONENTS)}")
+    maps = keymaps(config)
+    out: StateDict = {}
+    for name, km in maps.items():
+        sd = normalize_text_encoder_keys(components[name]) if name == "text_encoder" else components[name]
+        out.update(_component_to_ldm(sd, km, name))
+    return out
+
+
+# --- key normalisation ----------------------------------------------------------------------------------
+
+
+def normalize_ldm_keys(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """Files made with transformers < 4.x store the SD 1.x text encoder without the `text_model.` level."""
+    old = [k for k in state_dict if k.startswith(CLIP_ROOT) and not k.startswith(CLIP_ROOT + TEXT_MODEL)]
+    if not old:
+        return dict(state_dict)
+    out = {k: v for k, v in state_dict.items() if k not in set(old)}
+    out.update({CLIP_ROOT + TEXT_MODEL + k[len(CLIP_ROOT):]: state_dict[k] for k in old})
+    return out
+
+
+def normalize_text_encoder_keys(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """diffusers-layout text encoder keys as sdlab (and SD's published files) name them: with the
+    `text_model.` prefix that transformers >= 5 no longer writes, and without the constant `position_ids`."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith("embeddings.position_ids"):
+            continue
+        out[key if key.startswith(TEXT_MODEL) else TEXT_MODEL + key] = value
+    return out
+
+
+# --- one network, original -> diffusers -----------------------------------------------------------------
+
+
+def _component_to_diffusers(state_dict: Mapping[str, torch.Tensor], km: KeyMap, name: str) -> StateDict:
+    table = {km.root + a: b for a, b in km.pairs}
+    fused = {km.root + stem: module for stem, module in km.fused_qkv}
+    out, unmapped, used = {}, [], set()
+    for key, value in state_dict.items():
+        if not key.startswith(km.root) or _ignored(key, km):
+            continue
+        if _split_fused(key, value, fused, out):
+            used.add(key.rsplit("_", 1)[0])
+            continue
+        prefix = _longest_prefix(key, table)
+        if prefix is None:
+            unmapped.append(key)
+            continue
+        new_key = table[prefix] + key[len(prefix):]
+        out[new_key] = _to_linear(value) if new_key.rsplit(".", 1)[0] in km.conv1x1 else value
+        used.add(prefix)
+    _check_coverage(name, "original", unmapped, [p for p in list(table) + list(fused) if p not in used])
+    return out
+
+
+def _ignored(key: str, km: KeyMap) -> bool:
+    if key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES):
+        return True
+    # Resblocks past the ones the text encoder uses (OpenCLIP's last layer; SD 2 stops at the penultimate).
+    return key.startswith(OPENCLIP_ROOT + "transformer.resblocks.") and km.root == OPENCLIP_ROOT and (
+        int(key.split(".")[4]) >= len(km.fused_qkv)
+    )
+
+
+def _split_fused(key: str, value: torch.Tensor, fused: Mapping[str, str], out: StateDict) -> bool:
+    """`...attn.in_proj_weight` (3*width, width) -> q_proj/k_proj/v_proj weights (width, width) (views)."""
+    stem, _, kind = key.rpartition("_")
+    if stem not in fused or kind not in ("weight", "bias"):
+        return False
+    for part, chunk in zip(OPENCLIP_FUSED_QKV, value.chunk(3, dim=0)):
+        out[f"{fused[stem]}.{part}.{kind}"] = chunk
+    return True
+
+
+def _to_linear(weight: torch.Tensor) -> torch.Tensor:
+    return weight[:, :, 0, 0] if weight.ndim == 4 else weight  # (C, C, 1, 1) -> (C, C), a view
+
+
+# --- one network, diffusers -> original -----------------------------------------------------------------
+
+
+def _component_to_ldm(state_dict: Mapping[str, torch.Tensor], km: KeyMap, name: str) -> StateDict:
+    table = {b: km.root + a for a, b in km.pairs}
+    out, unmapped, used = {}, [], set()
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    fused_modules = {module: km.root + stem for stem, module in km.fused_qkv}
+    for key, value in state_dict.items():
+        module, _, part_kind = key.rpartition(".")  # e.g. "...self_attn.q_proj", "weight"
+        attention, _, part = module.rpartition(".")
+        if attention in fused_modules and part in OPENCLIP_FUSED_QKV:
+            qkv.setdefault(attention, {})[f"{part}.{part_kind}"] = value
+            continue
+        prefix = _longest_prefix(key, table)
+        if prefix is None:
+            unmapped.append(key)
+            continue
+        out[table[prefix] + key[len(prefix):]] = _to_conv1x1(value) if module in km.conv1x1 else value
+        used.add(prefix)
+    missing = [p for p in table if p not in used]
+    for attention, stem in fused_modules.items():
+        missing += _join_fused(qkv.get(attention, {}), attention, stem, out)
+    _check_coverage(name, "diffusers", unmapped, missing)
+    return out
+
+
+def _to_conv1x1(weight: torch.Tensor) -> torch.Tensor:
+    return weight[:, :, None, None] if weight.ndim == 2 else weight  # (C, C) -> (C, C, 1, 1), a view
+
+
+def _join_fused(parts: Mapping[str, torch.Tensor], attention: str, stem: str, out: StateDict) -> list[str]:
+    """q/k/v weights and biases of one attention -> `in_proj_weight` (3*width, width) and `in_proj_bias`.
+    Returns the names of the parts that are missing."""
+    missing = []
+    for kind in ("weight", "bias"):
+        names = [f"{part}.{kind}" for part in OPENCLIP_FUSED_QKV]
+        absent = [f"{attention}.{n}" for n in names if n not in parts]
+        if absent:
+            missing += absent
+            continue
+        out[f"{stem}_{kind}"] = torch.cat([parts[n] for n in names], dim=0)
+    return missing
+
+
+# --- shared ---------------------------------------------------------------------------------------------
+
+
+def _longest_prefix(key: str, table: Mapping[str, str]) -> str | None:
+    """The longest prefix of `key` in `table` that ends on a `.` boundary (or is the whole key)."""
+    parts = key.split(".")
+    for end in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:end])
+        if prefix in table:
+            return prefix
+    return None
+
+
+def _check_coverage(name: str, layout: str, unmapped: list[str], missing: list[str]) -> None:
+    if not unmapped and not missing:
+        return
+    problems = []
+    if unmapped:
+        problems.append(f"{len(unmapped)} unexpected keys (no known place in the model), e.g. {unmapped[:4]}")
+    if missing:
+        problems.append(f"{len(missing)} expected weights are absent, e.g. {missing[:4]}")
+    raise CheckpointError(
+        f"the {name} weights in the {layout} layout do not match the model config: " + "; ".join(problems)
+    )

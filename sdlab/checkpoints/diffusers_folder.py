@@ -1,0 +1,242 @@
+"""The diffusers folder layout: `model_index.json` plus one sub-folder per component.
+
+    model_index.json
+    unet/          config.json + diffusion_pytorch_model[.fp16].safetensors  (or sharded, or .bin)
+    vae/           config.json + diffusion_pytorch_model[.fp16].safetensors
+    text_encoder/  config.json + model[.fp16].safetensors
+    tokenizer/     vocab.json, merges.txt, special_tokens_map.json, tokenizer_config.json
+    scheduler/     scheduler_config.json
+
+Weights are looked for in this order: `NAME[.VARIANT].safetensors`, a sharded
+`NAME.safetensors.index[.VARIANT].json`, then the same two with `.bin` (read with the safe reader).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import CheckpointError
+from . import configs
+from .atomic import atomic_folder
+from .convert import normalize_text_encoder_keys
+from .io import read_checkpoint, write_safetensors
+
+log = logging.getLogger(__name__)
+
+MODEL_INDEX = "model_index.json"
+WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+# What each component must be, as model_index.json names it: (library, class).
+EXPECTED_CLASSES = {
+    "unet": ("diffusers", ("UNet2DConditionModel",)),
+    "vae": ("diffusers", ("AutoencoderKL",)),
+    "text_encoder": ("transformers", ("CLIPTextModel", "CLIPTextModelWithProjection")),
+}
+PIPELINES = {"epsilon": "StableDiffusionPipeline", "inpaint": "StableDiffusionInpaintPipeline"}
+TOKENIZER_DATA = ("vocab.json", "merges.txt")
+CLIP_DATA = Path(__file__).resolve().parents[1] / "data" / "clip"  # sdlab's package data
+SPECIAL_TOKENS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+
+
+def is_diffusers_folder(path: Path) -> bool:
+    return path.is_dir() and (path / MODEL_INDEX).is_file()
+
+
+# --- reading --------------------------------------------------------------------------------------------
+
+
+def read_folder(folder: Path, *, variant: str | None = None) -> tuple[ModelConfig, dict[str, dict[str, torch.Tensor]], Path | None]:
+    """(config, {"unet", "vae", "text_encoder"} state dicts, tokenizer folder or None) of a diffusers folder."""
+    index = _read_json(folder / MODEL_INDEX)
+    _check_model_index(index, folder / MODEL_INDEX)
+    tokenizer_dir = folder / "tokenizer" if (folder / "tokenizer" / "vocab.json").is_file() else None
+    config = read_folder_config(folder, tokenizer_dir)
+    weights = {name: read_component_weights(folder / name, WEIGHT_NAMES[name], variant) for name in WEIGHT_NAMES}
+    weights["text_encoder"] = normalize_text_encoder_keys(weights["text_encoder"])
+    return config, weights, tokenizer_dir
+
+
+def read_folder_config(folder: Path, tokenizer_dir: Path | None) -> ModelConfig:
+    unet_cfg = _read_json(folder / "unet" / "config.json")
+    unet = configs.unet_from_diffusers(unet_cfg, str(folder / "unet" / "config.json"))
+    vae = configs.vae_from_diffusers(_read_json(folder / "vae" / "config.json"), str(folder / "vae" / "config.json"))
+    pad = tokenizer_pad_token_id(tokenizer_dir) if tokenizer_dir else None
+    text = configs.text_encoder_from_transformers(
+        _read_json(folder / "text_encoder" / "config.json"), pad, str(folder / "text_encoder" / "config.json")
+    )
+    scheduler_file = folder / "scheduler" / "scheduler_config.json"
+    scheduler = _read_json(scheduler_file) if scheduler_file.is_file() else {}
+    schedule, prediction = configs.schedule_from_diffusers(scheduler, str(scheduler_file))
+    config = ModelConfig(
+        name=folder.name, text_encoder=text, unet=unet, vae=vae, schedule=schedule, prediction=prediction,
+        default_size=unet_cfg.get("sample_size", 64) * vae.downscale,
+    )
+    return configs.named_like_preset(config, folder.name)
+
+
+def read_component_weights(component_dir: Path, name: str, variant: str | None) -> dict[str, torch.Tensor]:
+    files = find_weight_files(component_dir, name, variant)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        tensors.update(read_checkpoint(file).tensors)
+    return tensors
+
+
+def find_weight_files(component_dir: Path, name: str, variant: str | None) -> list[Path]:
+    """The weight file(s) of one component, by the search order in the module docstring."""
+    if not component_dir.is_dir():
+        raise CheckpointError(f"{component_dir}: missing component folder")
+    suffix = f".{variant}" if variant else ""
+    for ext in ("safetensors", "bin"):
+        single = component_dir / f"{name}{suffix}.{ext}"
+        if single.is_file():
+            return [single]
+        index = component_dir / f"{name}.{ext}.index{suffix}.json"
+        if index.is_file():
+            return _shards(index)
+    present = sorted(p.name for p in component_dir.iterdir())
+    hint = " (pass variant=... to pick one of the variant files)" if not variant and any(
+        p.count(".") >= 2 for p in present) else ""
+    raise CheckpointError(
+        f"{component_dir}: no weights named {name}{suffix}.safetensors, {name}.safetensors.index{suffix}.json or "
+        f"{name}{suffix}.bin; the folder holds {present}{hint}"
+    )
+
+
+def _shards(index_file: Path) -> list[Path]:
+    """The shard files an `*.index.json` names, all checked to be plain files inside its folder."""
+    weight_map = _read_json(index_file).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_file}: no 'weight_map' in the shard index")
+    shards = []
+    for shard in sorted(set(weight_map.values())):
+        path = index_file.parent / shard
+        if Path(shard).name != shard:
+            raise CheckpointError(f"{index_file}: shard name {shard!r} is not a plain file name in this folder")
+        if not path.is_file():
+            raise CheckpointError(f"{index_file}: the shard {shard} it lists is missing")
+        shards.append(path)
+    return shards
+
+
+def tokenizer_pad_token_id(tokenizer_dir: Path) -> int | None:
+    """The id of the padding token named by special_tokens_map.json (or tokenizer_config.json)."""
+    vocab = _read_json(tokenizer_dir / "vocab.json")
+    for file in ("special_tokens_map.json", "tokenizer_config.json"):
+        if (tokenizer_dir / file).is_file():
+            pad = _read_json(tokenizer_dir / file).get("pad_token")
+            if isinstance(pad, dict):
+                pad = pad.get("content")
+            if pad is not None:
+                if pad not in vocab:
+                    raise CheckpointError(f"{tokenizer_dir / file}: pad_token {pad!r} is not in vocab.json")
+                return vocab[pad]
+    return None
+
+
+def _check_model_index(index: Mapping[str, Any], where: Path) -> None:
+    if "text_encoder_2" in index or "unet" not in index:
+        raise CheckpointError(
+            f"{where}: a {index.get('_class_name', 'pipeline')} is not supported; sdlab reads Stable Diffusion 1.x/2.x "
+            f"folders (StableDiffusionPipeline / StableDiffusionInpaintPipeline) with unet, vae and text_encoder"
+        )
+    for name, (library, classes) in EXPECTED_CLASSES.items():
+        entry = index.get(name)
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == library and entry[1] in classes):
+            raise CheckpointError(f"{where}: component {name!r} is {entry!r}; expected [{library!r}, one of {list(classes)}]")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+# --- writing --------------------------------------------------------------------------------------------
+
+
+def write_folder(
+    folder: Path,
+    config: ModelConfig,
+    components: Mapping[str, Mapping[str, torch.Tensor]],
+    *,
+    dtype: torch.dtype | None = None,
+    variant: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a diffusers folder that `StableDiffusionPipeline.from_pretrained` loads (atomically)."""
+    suffix = f".{variant}" if variant else ""
+    with atomic_folder(folder, overwrite=overwrite) as tmp:
+        _write_json(tmp / MODEL_INDEX, _model_index(config))
+        sample = config.default_size // config.vae.downscale
+        _write_json(tmp / "unet" / "config.json", configs.unet_to_diffusers(config.unet, sample))
+        _write_json(tmp / "vae" / "config.json", configs.vae_to_diffusers(config.vae, config.default_size))
+        _write_json(tmp / "text_encoder" / "config.json", configs.text_encoder_to_transformers(config.text_encoder))
+        _write_json(tmp / "scheduler" / "scheduler_config.json", configs.schedule_to_diffusers(config.schedule, config.prediction))
+        write_tokenizer(tmp / "tokenizer", config.text_encoder.pad_token_id, config.text_encoder.max_length)
+        for name, weights_name in WEIGHT_NAMES.items():
+            tensors = cast(components[name], dtype)
+            write_safetensors(tmp / name / f"{weights_name}{suffix}.safetensors", tensors, {"format": "pt"})
+    return folder
+
+
+def write_tokenizer(folder: Path, pad_token_id: int, max_length: int) -> None:
+    """The CLIP BPE files from sdlab's package data, plus the special-token files naming the pad token."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_DATA:
+        shutil.copyfile(CLIP_DATA / name, folder / name)
+    id_to_token = {i: t for t, i in json.loads((folder / "vocab.json").read_text(encoding="utf-8")).items()}
+    if pad_token_id not in id_to_token:
+        raise CheckpointError(f"pad_token_id {pad_token_id} is not in the CLIP vocabulary (0..{len(id_to_token) - 1})")
+    special = {**SPECIAL_TOKENS, "pad_token": id_to_token[pad_token_id]}
+    _write_json(folder / "special_tokens_map.json", special)
+    _write_json(folder / "tokenizer_config.json", {
+        **special,
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": max_length,
+        "do_lower_case": True,
+        "add_prefix_space": False,
+        "errors": "replace",
+    })
+
+
+def cast(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Floating-point tensors converted to `dtype` (when given); integer buffers kept as they are."""
+    if dtype is None:
+        return dict(tensors)
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+def _model_index(config: ModelConfig) -> dict[str, Any]:
+    pipeline = PIPELINES["inpaint"] if config.is_inpainting else PIPELINES["epsilon"]
+    scheduler = configs.schedule_to_diffusers(config.schedule, config.prediction)["_class_name"]
+    return {
+        "_class_name": pipeline,
+        "_diffusers_version": configs.DIFFUSERS_VERSION,
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", scheduler],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

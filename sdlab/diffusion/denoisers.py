@@ -1,0 +1,150 @@
+"""Denoisers: a network that predicts eps or v, wrapped as D(x, sigma) -> x0 for the samplers.
+
+Conventions (k-diffusion, Karras et al. 2022): x = x0 + sigma * noise; the network sees the DDPM latent
+c_in * x with c_in = 1 / sqrt(sigma^2 + 1) and the timestep of sigma in the training table (fractional
+between entries, interpolated in log-sigma).
+
+- eps prediction (Ho et al. 2020): D = x - sigma * eps.
+- v prediction (Salimans & Ho 2022, "Progressive Distillation"): D = c_skip * x + c_out * v with
+  c_skip = 1 / (sigma^2 + 1), c_out = -sigma / sqrt(sigma^2 + 1).
+
+`ModelDenoiser` does the scalings for one conditioning; `GuidedDenoiser` binds the text conditioning and
+applies classifier-free guidance (Ho & Salimans 2022) with one batched network call, plus guidance
+rescale (Lin et al. 2023, section 3.4); `MaskedDenoiser` inpaints with an ordinary (4-channel) model by
+pinning the unmasked region to the original latent. 9-channel inpainting models get their extra input
+channels (mask, masked-image latents) through `concat`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from sdlab.diffusion.schedules import NoiseSchedule
+from sdlab.errors import ParameterError
+
+# unet(x_in (B, C, h, w), t (B,), context (B, T, D)) -> eps or v (B, 4, h, w)
+Network = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+PREDICTIONS = ("epsilon", "v_prediction")
+
+
+def _per_sample(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """sigma as a (B,) float32 tensor on x's device, from a scalar or a (B,) tensor."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+    return sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
+
+
+def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, 1, 1) to scale images."""
+    return v.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+
+
+class ModelDenoiser:
+    """D(x, sigma, context) -> x0 for a network that predicts eps or v.
+
+    quantize: feed the network the nearest training timestep instead of the interpolated one (diffusers'
+    DPM-Solver and UniPC schedulers do this on Karras sigmas; A1111 does not by default).
+    """
+
+    def __init__(self, network: Network, schedule: NoiseSchedule, prediction: str = "epsilon", *,
+                 quantize: bool = False):
+        if prediction not in PREDICTIONS:
+            raise ParameterError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
+        self.network, self.schedule, self.prediction, self.quantize = network, schedule, prediction, quantize
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        return self.schedule.sigma_to_t(sigma, quantize=self.quantize)
+
+    def network_output(self, x, sigma, context, concat=None) -> torch.Tensor:
+        """The raw network output (eps or v) at x, for per-sample sigmas (B,)."""
+        x_in = x * _bcast((sigma**2 + 1) ** -0.5, x)  # the DDPM latent
+        if concat is not None:
+            x_in = torch.cat([x_in, concat.to(x_in.dtype)], dim=1)  # (B, 4 + 5, h, w) for inpainting models
+        return self.network(x_in, self.sigma_to_t(sigma), context)
+
+    def to_denoised(self, x, sigma, output) -> torch.Tensor:
+        """x0 from the network output at x, for per-sample sigmas (B,)."""
+        if self.prediction == "epsilon":
+            return x - _bcast(sigma, x) * output
+        c_skip = _bcast(1 / (sigma**2 + 1), x)
+        c_out = _bcast(-sigma * (sigma**2 + 1) ** -0.5, x)
+        return c_skip * x + c_out * output
+
+    def __call__(self, x, sigma, context, concat=None) -> torch.Tensor:
+        sigma = _per_sample(sigma, x)
+        return self.to_denoised(x, sigma, self.network_output(x, sigma, context, concat))
+
+
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """Guidance rescale (Lin et al. 2023, eq. 15-16): match the per-sample std of the conditional output.
+
+    Counteracts over-exposure at high guidance scales, needed with zero-terminal-SNR models.
+    """
+    dims = tuple(range(1, guided.ndim))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return phi * rescaled + (1 - phi) * guided
+
+
+class GuidedDenoiser:
+    """D(x, sigma) -> x0 with text conditioning bound and classifier-free guidance.
+
+    cond, uncond: (B, T, D) contexts. With scale == 1 (or no uncond) only the conditional pass runs;
+    otherwise one network call on the batch [uncond; cond] (2B). Guidance and its rescale act on the raw
+    network output (eps or v), as in the reference pipelines.
+    concat: (B, 5, h, w) mask and masked-image latents for 9-channel inpainting models, or None.
+    """
+
+    def __init__(self, model: ModelDenoiser, cond: torch.Tensor, uncond: torch.Tensor | None = None,
+                 scale: float = 1.0, *, rescale: float = 0.0, concat: torch.Tensor | None = None):
+        self.model, self.cond, self.uncond, self.concat = model, cond, uncond, concat
+        self.scale, self.rescale = scale, rescale
+
+    @property
+    def sigma_to_t(self):
+        return self.model.sigma_to_t
+
+    @property
+    def guided(self) -> bool:
+        return self.uncond is not None and self.scale != 1.0
+
+    def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        sigma = _per_sample(sigma, x)
+        if not self.guided:
+            output = self.model.network_output(x, sigma, self.cond, self.concat)
+        else:
+            output = self._guided_output(x, sigma)
+        return self.model.to_denoised(x, sigma, output)
+
+    def _guided_output(self, x, sigma) -> torch.Tensor:
+        twice = lambda t: None if t is None else torch.cat([t, t])  # noqa: E731
+        both = self.model.network_output(twice(x), twice(sigma), torch.cat([self.uncond, self.cond]),
+                                         twice(self.concat))
+        uncond, cond = both.chunk(2)  # each (B, 4, h, w)
+        guided = uncond + self.scale * (cond - uncond)
+        return rescale_guidance(guided, cond, self.rescale) if self.rescale > 0 else guided
+
+
+class MaskedDenoiser:
+    """Inpainting with an ordinary model: outside the mask, x is the original latent noised to sigma.
+
+    mask: (B or 1, 1, h, w), 1 where to repaint (diffusers' convention); init_latent: (B, 4, h, w) the
+    image's latent; noise: (B, 4, h, w) the fixed noise to re-noise it with (use the initial noise).
+    Each call replaces the kept region of the input with init_latent + sigma * noise and of the output with
+    init_latent, so after every step (for any sampler) the kept region sits on the original image's noising
+    path, and the final latent keeps it exactly.
+    """
+
+    def __init__(self, denoiser: Callable, init_latent: torch.Tensor, mask: torch.Tensor,
+                 noise: torch.Tensor):
+        self.denoiser, self.init_latent, self.mask, self.noise = denoiser, init_latent, mask, noise
+
+    @property
+    def sigma_to_t(self):
+        return self.denoiser.sigma_to_t
+
+    def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        sigma = _per_sample(sigma, x)
+        known = self.init_latent + _bcast(sigma, x) * self.noise
+        x = self.mask * x + (1 - self.mask) * known
+        return self.mask * self.denoiser(x, sigma) + (1 - self.mask) * self.init_latent

@@ -1,0 +1,203 @@
+"""Generation: txt2img, img2img and inpainting as one denoising loop.
+
+    model = sdlab.load("path/to/model")
+    result = sdlab.generate(model, GenerationParams(prompt="a red circle above a blue square", seed=1))
+    result.images[0].save("out.png")
+
+The modes differ only in where the loop starts and what the denoiser sees (see ../shared/DESIGN.md):
+- txt2img: x = noise at the top of the schedule;
+- img2img: the schedule is cut to its last `strength` fraction and x = the image's latent noised to its
+  first sigma;
+- inpainting: a 9-channel model gets mask + masked-image latents as extra input channels; an ordinary
+  model is wrapped in `MaskedDenoiser`, which keeps the unmasked region on the original image's path.
+
+Random numbers are drawn in the order diffusers' pipelines draw them (image latents, then the initial
+noise, then the masked image's latents, then the sampler's noise), so the same generator gives the same
+image.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import rng
+from .conditioning import encode_prompts
+from .diffusion.denoisers import GuidedDenoiser, MaskedDenoiser, ModelDenoiser
+from .diffusion.registry import SamplerSpec, get_sampler, with_options
+from .diffusion.samplers import SamplingInterrupted
+from .diffusion.schedules import NoiseSchedule, ve_to_vp
+from .errors import SdlabError
+from .images import to_mask, to_pil, to_pixels
+from .params import GenerationParams
+
+log = logging.getLogger(__name__)
+
+
+class NumericalError(SdlabError):
+    """NaN or infinity appeared during generation (often fp16 overflow: try fp32 or bf16)."""
+
+
+@dataclass
+class GenerationResult:
+    images: list  # PIL images
+    params: GenerationParams  # resolved: size and seed filled in
+    latents: torch.Tensor  # (B, 4, h, w), the final (scaled) latents
+    interrupted: bool = False
+
+
+@dataclass
+class StepInfo:
+    """What a step callback receives. `denoised` is the current x0 estimate (B, 4, h, w), scaled latents:
+    `decode_latents(model, info.denoised)` turns it into preview images."""
+
+    step: int  # 1-based count of finished steps
+    total: int
+    sigma: float
+    denoised: torch.Tensor
+
+
+@torch.no_grad()
+def generate(model, params: GenerationParams, *, generator: rng.Generator = None,
+             callback: Callable[[StepInfo], None] | None = None,
+             interrupt: Callable[[], bool] | None = None) -> GenerationResult:
+    """Generate `params.batch_size` images. Image i uses seed `params.seed + i` unless `generator` is given
+    (a torch.Generator or a list, one per image, as diffusers takes them)."""
+    params = params.resolved(model.config)
+    n = params.batch_size
+    if generator is None:
+        generator = rng.generators(params.seeds)
+    return sample_batch(model, [params.prompt] * n, [params.negative_prompt] * n, params, generator,
+                        callback=callback, interrupt=interrupt)
+
+
+@torch.no_grad()
+def sample_batch(model, prompts: list[str], negatives: list[str], params: GenerationParams,
+                 generator: rng.Generator, *, callback=None, interrupt=None) -> GenerationResult:
+    """The loop behind `generate`, for one batch of (prompt, negative prompt) pairs; `params` resolved."""
+    spec = _sampler(params)
+    sigmas = spec.make_sigmas(model.config.schedule, params.steps, schedule=params.schedule.lower())
+    start = _first_step(params)
+    schedule = NoiseSchedule.from_config(model.config.schedule)
+    denoiser = ModelDenoiser(model.unet, schedule, model.config.prediction, quantize=spec.quantize(params.schedule))
+    cond, uncond = _contexts(model, prompts, negatives, params)
+    x, denoiser = _start(model, params, denoiser, cond, uncond, spec, sigmas, start, generator)
+    sigmas = sigmas[start:]
+    watcher = _StepWatcher(params, len(sigmas) - 1, callback)
+    interrupted = False
+    try:
+        if len(sigmas) > 1:
+            x = spec.sample(denoiser, x, sigmas, generator=generator, callback=watcher, interrupt=interrupt)
+    except SamplingInterrupted as stop:
+        x, interrupted = (stop.denoised if stop.denoised is not None else stop.x), True
+    latents = ve_to_vp(x, sigmas[-1]) if not interrupted else x
+    _check_finite(latents, "the final latents")
+    images = decode_latents(model, latents)
+    return GenerationResult(images, params, latents, interrupted)
+
+
+def _sampler(params: GenerationParams) -> SamplerSpec:
+    spec = get_sampler(params.sampler)
+    if params.eta is not None:
+        if "eta" not in inspect.signature(spec.sample).parameters:
+            log.warning("sampler %s has no eta; ignoring eta=%s", spec.label, params.eta)
+        else:
+            spec = with_options(spec, eta=params.eta)
+    return spec
+
+
+def _first_step(params: GenerationParams) -> int:
+    """img2img runs the last `strength` fraction of the schedule (diffusers' rule: int(steps * strength))."""
+    if params.mode == "txt2img":
+        return 0
+    return params.steps - min(int(params.steps * params.strength), params.steps)
+
+
+def _contexts(model, prompts, negatives, params):
+    """(cond, uncond) contexts (B, 77 N, D); uncond is None when guidance is off (scale 1)."""
+    if params.cfg_scale == 1.0:
+        return encode_prompts(model, prompts, params.clip_skip), None
+    both = encode_prompts(model, negatives + prompts, params.clip_skip)
+    uncond, cond = both.chunk(2)
+    _check_finite(cond, "the text encoder's output")
+    return cond, uncond
+
+
+def _start(model, params, denoiser, cond, uncond, spec, sigmas, start, generator):
+    """The initial x (B, 4, h, w) at sigmas[start] and the denoiser the loop calls."""
+    n, device, dtype = len(cond), model.device, model.dtype
+    f = model.config.vae.downscale
+    shape = (n, model.config.vae.latent_channels, params.height // f, params.width // f)
+    concat = None
+    if params.mode == "txt2img":
+        x = rng.randn(shape, generator, device=device, dtype=dtype) * spec.initial_noise_scale(sigmas)
+        guided = GuidedDenoiser(denoiser, cond, uncond, params.cfg_scale, rescale=params.guidance_rescale)
+        return x, guided
+    pixels = to_pixels(params.init_image, params.width, params.height).to(device, dtype)
+    ordinary_inpaint = params.mode == "inpaint" and not model.config.is_inpainting
+    image_latents = None
+    if params.mode == "img2img" or ordinary_inpaint or start > 0:
+        image_latents = encode_image(model, pixels, n, generator)
+    noise = rng.randn(shape, generator, device=device, dtype=dtype)
+    if start == 0 and params.mode != "img2img":
+        x = noise * spec.initial_noise_scale(sigmas)
+    else:
+        x = image_latents + noise * sigmas[start]
+    if params.mode == "inpaint":
+        mask = to_mask(params.mask, params.width, params.height).to(device, dtype)  # (1, 1, H, W)
+        latent_mask = F.interpolate(mask, size=shape[2:])  # nearest, as the reference
+        if model.config.is_inpainting:
+            masked = encode_image(model, pixels * (mask < 0.5), n, generator)
+            concat = torch.cat([latent_mask.expand(n, -1, -1, -1), masked], dim=1)  # (B, 5, h, w)
+    guided = GuidedDenoiser(denoiser, cond, uncond, params.cfg_scale, rescale=params.guidance_rescale,
+                            concat=concat)
+    if ordinary_inpaint:
+        return x, MaskedDenoiser(guided, image_latents, latent_mask, noise)
+    return x, guided
+
+
+def encode_image(model, pixels: torch.Tensor, batch: int, generator: rng.Generator) -> torch.Tensor:
+    """One image (1, 3, H, W) in [-1, 1] -> `batch` scaled latents (B, 4, h, w), sampled from the VAE's
+    posterior. With one generator the sample is drawn once and repeated (as diffusers does); with a list,
+    each image draws its own from its generator."""
+    mean, logvar = model.vae.encode(pixels)
+    if isinstance(generator, (list, tuple)):
+        mean, logvar = mean.expand(batch, -1, -1, -1), logvar.expand(batch, -1, -1, -1)
+    z = mean + (0.5 * logvar).exp() * rng.randn_like(mean, generator)
+    cfg = model.config.vae
+    return (cfg.scaling_factor * (z - cfg.shift_factor)).expand(batch, -1, -1, -1)
+
+
+@torch.no_grad()
+def decode_latents(model, latents: torch.Tensor) -> list:
+    """Scaled latents (B, 4, h, w) -> B PIL images."""
+    cfg = model.config.vae
+    z = latents.to(model.dtype) / cfg.scaling_factor + cfg.shift_factor
+    pixels = model.vae.decode(z)
+    _check_finite(pixels, "the VAE decoder's output")
+    return to_pil(pixels)
+
+
+class _StepWatcher:
+    """The samplers' per-step callback: checks for NaN and forwards a StepInfo to the user's callback."""
+
+    def __init__(self, params: GenerationParams, total: int, callback):
+        self.params, self.total, self.callback = params, total, callback
+
+    def __call__(self, info: dict) -> None:
+        denoised = info["denoised"]
+        _check_finite(denoised, f"step {info['step'] + 1} of {self.total} (sampler {self.params.sampler})")
+        if self.callback is not None:
+            self.callback(StepInfo(info["step"] + 1, self.total, float(info["sigma"]), denoised))
+
+
+def _check_finite(x: torch.Tensor, stage: str) -> None:
+    if not torch.isfinite(x).all():
+        raise NumericalError(
+            f"NaN or infinity in the latents at {stage}; in fp16 this is usually overflow: "
+            "try dtype=torch.float32 or torch.bfloat16, or a lower CFG scale")

@@ -1,0 +1,138 @@
+"""A Stable Diffusion model: the three networks, the tokenizer and the config that ties them together.
+
+`Model.load(path)` reads a diffusers folder or a single `.safetensors`/`.ckpt` file; `Model.build(config)`
+makes one with random weights; `model.save(path, layout=...)` writes either layout. Loading builds the
+networks on the meta device and *assigns* the checkpoint's tensors (memory-mapped for safetensors), so the
+weights are never held twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import checkpoints
+from .config import ModelConfig
+from .errors import CheckpointError
+from .nn.clip import TextEncoder
+from .nn.unet import UNet
+from .nn.vae import VAE
+from .tokenizer import CLIPTokenizer
+
+log = logging.getLogger(__name__)
+
+COMPONENTS = ("unet", "vae", "text_encoder")
+
+
+@dataclass
+class Model:
+    """The networks of one Stable Diffusion checkpoint. Plain container: no sampling logic lives here."""
+
+    config: ModelConfig
+    tokenizer: CLIPTokenizer
+    text_encoder: TextEncoder
+    unet: UNet
+    vae: VAE
+    source: Path | None = None  # the file or folder it was loaded from
+
+    @classmethod
+    def build(cls, config: ModelConfig, *, device="cpu", dtype=torch.float32) -> Model:
+        """A model with freshly initialised (random) weights."""
+        with torch.device(device):
+            nets = _networks(config)
+        model = cls(config, _default_tokenizer(config), **nets)
+        return model.to(dtype=dtype)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        family: str | None = None,
+        prediction: str | None = None,
+        variant: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> Model:
+        """Load a diffusers folder or a single-file checkpoint.
+
+        `family` overrides detection (a preset name such as "sd15", "sd21"); `prediction` overrides
+        "epsilon"/"v_prediction" (SD 2.x 768 single files cannot say which they are). `dtype` is the compute
+        dtype: fp16 files are converted to fp32 by default, which a CPU needs for speed.
+        """
+        ckpt = checkpoints.load_checkpoint(path, family=family, prediction=prediction, variant=variant)
+        with torch.device("meta"):
+            nets = _networks(ckpt.config)
+        for name in COMPONENTS:
+            _assign(nets[name], getattr(ckpt, name), dtype, device, where=f"{ckpt.source} ({name})")
+        tokenizer = (
+            CLIPTokenizer.from_folder(ckpt.tokenizer_dir) if ckpt.tokenizer_dir else _default_tokenizer(ckpt.config)
+        )
+        return cls(ckpt.config, tokenizer, **nets, source=Path(ckpt.source))
+
+    def save(self, path: str | Path, *, layout: str = "diffusers", dtype: torch.dtype | None = None,
+             overwrite: bool = False) -> Path:
+        """Write the model as a diffusers folder (`layout="diffusers"`) or one `.safetensors` file
+        (`layout="single-file"`), optionally converting to `dtype` (e.g. torch.float16). Atomic, and refuses
+        to replace an existing path unless `overwrite=True`."""
+        state = {name: getattr(self, name).state_dict() for name in COMPONENTS}
+        if layout == "diffusers":
+            return checkpoints.save_diffusers(path, self.config, state["unet"], state["vae"],
+                                              state["text_encoder"], dtype=dtype, overwrite=overwrite)
+        if layout == "single-file":
+            return checkpoints.save_single_file(path, self.config, state["unet"], state["vae"],
+                                                state["text_encoder"], dtype=dtype, overwrite=overwrite)
+        raise ValueError(f"unknown layout {layout!r}: use 'diffusers' or 'single-file'")
+
+    def to(self, device=None, dtype=None) -> Model:
+        for name in COMPONENTS:
+            getattr(self, name).to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+
+def _networks(config: ModelConfig) -> dict[str, nn.Module]:
+    nets = {
+        "text_encoder": TextEncoder(config.text_encoder),
+        "unet": UNet(config.unet),
+        "vae": VAE(config.vae),
+    }
+    for net in nets.values():
+        net.eval().requires_grad_(False)
+    return nets
+
+
+def _default_tokenizer(config: ModelConfig) -> CLIPTokenizer:
+    return CLIPTokenizer.default(pad_token_id=config.text_encoder.pad_token_id)
+
+
+def _assign(net: nn.Module, state: dict[str, torch.Tensor], dtype, device, *, where: str) -> None:
+    """Load `state` into a meta-device `net` by assignment (no copy unless dtype/device change)."""
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{where}: the weights do not fit the {type(net).__name__} architecture: "
+            f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}"
+        )
+    wrong = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items() if v.shape != expected[k].shape]
+    if wrong:
+        key, got, want = wrong[0]
+        raise CheckpointError(f"{where}: {len(wrong)} tensors have the wrong shape, e.g. {key}: {got}, expected {want}")
+    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+    net.load_state_dict(state, strict=True, assign=True)
+    leftover = [name for name, b in net.named_buffers() if b.is_meta]
+    if leftover:
+        raise CheckpointError(f"{where}: buffers not initialised by the checkpoint: {leftover}")

@@ -1,0 +1,192 @@
+"""The conditional UNet of Stable Diffusion 1.x/2.x (Rombach et al. 2022, "High-Resolution Image Synthesis
+with Latent Diffusion Models"; the UNet itself after Ronneberger et al. 2015 and Ho et al. 2020).
+
+    x (B, in, h, w) --conv_in--> down levels --> middle --> up levels (+ skips) --norm, SiLU, conv_out--> (B, out, h, w)
+    t (B,) --sinusoid--> MLP --> added inside every ResNet block
+    context (B, T, D) --> cross-attention inside every spatial transformer
+
+The `state_dict()` keys and shapes equal diffusers' `UNet2DConditionModel` for the same configuration.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sdlab.config import UNetConfig
+from sdlab.errors import ParameterError
+from sdlab.nn.layers import Downsample, ResBlock, SpatialTransformer, TimestepMLP, Upsample, silu, timestep_embedding
+
+
+def _transformer(cfg: UNetConfig, channels: int, level: int) -> SpatialTransformer:
+    return SpatialTransformer(
+        channels,
+        heads=cfg.heads_at(level),
+        context_dim=cfg.context_dim,
+        depth=cfg.transformer_depth,
+        groups=cfg.norm_groups,
+        linear_projection=cfg.use_linear_projection,
+        upcast=cfg.upcast_attention,
+    )
+
+
+def _resblock(cfg: UNetConfig, in_ch: int, out_ch: int) -> ResBlock:
+    return ResBlock(in_ch, out_ch, cfg.time_embed_dim, cfg.norm_groups, cfg.norm_eps)
+
+
+class DownLevel(nn.Module):
+    """Encoder level `level`: ResNet blocks, each followed by a transformer if the level has attention, then a
+    2x downsample unless it is the last level. Returns every intermediate output as a skip connection."""
+
+    def __init__(self, cfg: UNetConfig, level: int, in_ch: int):
+        super().__init__()
+        out_ch = cfg.channels[level]
+        n = cfg.layers_per_block
+        with_attention = cfg.attention_levels[level]
+        self.attentions = nn.ModuleList(_transformer(cfg, out_ch, level) for _ in range(n) if with_attention)
+        self.resnets = nn.ModuleList(_resblock(cfg, in_ch if i == 0 else out_ch, out_ch) for i in range(n))
+        is_last = level == len(cfg.channels) - 1
+        self.downsamplers = nn.ModuleList([] if is_last else [Downsample(out_ch)])
+
+    def forward(self, x, temb, context) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            if self.attentions:
+                x = self.attentions[i](x, context)
+            skips.append(x)
+        for down in self.downsamplers:
+            x = down(x)
+            skips.append(x)
+        return x, skips
+
+
+class MidBlock(nn.Module):
+    """The bottleneck: ResNet block, spatial transformer, ResNet block, at the deepest width."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        ch = cfg.channels[-1]
+        self.attentions = nn.ModuleList([_transformer(cfg, ch, len(cfg.channels) - 1)])
+        self.resnets = nn.ModuleList([_resblock(cfg, ch, ch), _resblock(cfg, ch, ch)])
+
+    def forward(self, x, temb, context) -> torch.Tensor:
+        x = self.resnets[0](x, temb)
+        x = self.attentions[0](x, context)
+        return self.resnets[1](x, temb)
+
+
+class UpLevel(nn.Module):
+    """Decoder mirror of encoder level `level`: layers_per_block + 1 ResNet blocks, each reading the previous
+    output concatenated with one skip connection, optional transformers, then a 2x upsample unless level 0."""
+
+    def __init__(self, cfg: UNetConfig, level: int):
+        super().__init__()
+        out_ch = cfg.channels[level]
+        prev_ch = cfg.channels[min(level + 1, len(cfg.channels) - 1)]  # output of the deeper level (or middle)
+        n = cfg.layers_per_block + 1
+        # Skips of this level come from its encoder ResNets (out_ch), the last from the level above's
+        # downsampler (or conv_in for level 0).
+        skip_ch = [out_ch] * (n - 1) + [cfg.channels[max(level - 1, 0)]]
+        with_attention = cfg.attention_levels[level]
+        self.attentions = nn.ModuleList(_transformer(cfg, out_ch, level) for _ in range(n) if with_attention)
+        self.resnets = nn.ModuleList(
+            _resblock(cfg, (prev_ch if i == 0 else out_ch) + skip_ch[i], out_ch) for i in range(n)
+        )
+        self.upsamplers = nn.ModuleList([Upsample(out_ch)] if level > 0 else [])
+
+    def forward(self, x, skips: list[torch.Tensor], temb, context, out_size=None) -> torch.Tensor:
+        """`skips` in the order the encoder produced them; `out_size` (H, W) for the upsample, if any."""
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips[-1 - i]], dim=1), temb)  # (B, C + C_skip, H, W) -> (B, C, H, W)
+            if self.attentions:
+                x = self.attentions[i](x, context)
+        for up in self.upsamplers:
+            x = up(x, out_size)
+        return x
+
+
+class UNet(nn.Module):
+    """Predicts the noise (or v) in latents `x` at timesteps `t` given text `context`.
+
+    forward(x: (B, in_channels, h, w), t: (B,) or scalar, possibly fractional, context: (B, T, context_dim))
+        -> (B, out_channels, h, w)
+    """
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        _check_config(cfg)
+        self.cfg = cfg
+        ch = cfg.channels
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepMLP(ch[0], cfg.time_embed_dim)
+        self.down_blocks = nn.ModuleList(DownLevel(cfg, i, ch[max(i - 1, 0)]) for i in range(len(ch)))
+        self.mid_block = MidBlock(cfg)
+        self.up_blocks = nn.ModuleList(UpLevel(cfg, i) for i in reversed(range(len(ch))))
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, ch[0], eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+        self._check_inputs(x, context)
+        t = _batch_timesteps(t, x.shape[0], x.device)  # (B,)
+        emb = timestep_embedding(t, self.cfg.channels[0]).to(x.dtype)  # (B, C0)
+        # Every ResNet block applies SiLU to the time embedding first: do it once here.
+        temb = silu(self.time_embedding(emb))  # (B, 4 * C0)
+
+        x = self.conv_in(x)
+        skips = [x]
+        for level in self.down_blocks:
+            x, level_skips = level(x, temb, context)
+            skips += level_skips
+        x = self.mid_block(x, temb, context)
+        for level in self.up_blocks:
+            n = len(level.resnets)
+            level_skips, skips = skips[-n:], skips[:-n]
+            # Upsample to the next skip's size rather than 2x, so odd sizes round-trip.
+            out_size = skips[-1].shape[-2:] if skips else None
+            x = level(x, level_skips, temb, context, out_size)
+        return self.conv_out(silu(self.conv_norm_out(x)))
+
+    def _check_inputs(self, x: torch.Tensor, context: torch.Tensor) -> None:
+        cfg = self.cfg
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ParameterError(
+                f"UNet: latents must have shape (B, {cfg.in_channels}, h, w) for UNetConfig.in_channels="
+                f"{cfg.in_channels}, got {tuple(x.shape)}"
+            )
+        if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[2] != cfg.context_dim:
+            raise ParameterError(
+                f"UNet: context must have shape ({x.shape[0]}, T, {cfg.context_dim}) (batch of the latents, "
+                f"UNetConfig.context_dim), got {tuple(context.shape)}"
+            )
+
+
+def _batch_timesteps(t: torch.Tensor | float, batch: int, device: torch.device) -> torch.Tensor:
+    """A scalar, (1,) or (B,) timestep (int or float) -> a (B,) tensor on `device`."""
+    t = torch.as_tensor(t, device=device)
+    if t.ndim == 0:
+        t = t[None]
+    if t.ndim != 1 or t.shape[0] not in (1, batch):
+        raise ParameterError(f"UNet: timesteps must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
+    return t.expand(batch)
+
+
+def _check_config(cfg: UNetConfig) -> None:
+    last = len(cfg.channels) - 1
+    for level, ch in enumerate(cfg.channels):
+        if ch % cfg.norm_groups:
+            raise ParameterError(
+                f"UNetConfig.channels[{level}]={ch} is not divisible by norm_groups={cfg.norm_groups}"
+            )
+        has_attention = cfg.attention_levels[level] or level == last  # the middle block always attends
+        heads = cfg.heads_at(level)
+        if has_attention and (heads < 1 or ch % heads or (cfg.head_dim is not None and ch % cfg.head_dim)):
+            raise ParameterError(
+                f"UNetConfig.channels[{level}]={ch} does not split into attention heads "
+                f"(num_heads={cfg.num_heads}, head_dim={cfg.head_dim}); use a multiple of the head count/size"
+            )
+    if cfg.layers_per_block < 1 or cfg.transformer_depth < 1:
+        raise ParameterError(
+            f"UNetConfig: layers_per_block ({cfg.layers_per_block}) and transformer_depth "
+            f"({cfg.transformer_depth}) must be at least 1"
+        )

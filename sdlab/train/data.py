@@ -1,0 +1,316 @@
+"""Training data: image folders with captions, the shapes world, aspect-ratio buckets, and the batch order.
+
+An image folder holds images (png, jpg, jpeg, webp, bmp) with captions either in `metadata.jsonl` (lines of
+{"file_name": "a/b.png", "text": "..."}, relative to the folder; the Hugging Face `imagefolder` convention)
+or in a `.txt` file beside each image. Images that cannot be read and images without a caption are skipped
+with a warning and counted in `dataset.skipped`, never silently.
+
+Every item is a pure function of (index, epoch, seed): random crops and flips draw from a generator seeded
+by those, so any process can load any item and a resumed run sees exactly the data it would have seen.
+The order of batches is likewise a function of (seed, epoch) (`BatchOrder`); `DataStream` walks it and its
+position is part of a training checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import ParameterError
+from ..shapes import ShapesDataset
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+METADATA_FILE = "metadata.jsonl"
+Size = tuple[int, int]  # (width, height)
+
+
+def to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
+    """RGB uint8 (H, W, 3) -> float32 (3, H, W) in [-1, 1], the VAE's input range."""
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def to_image(pixels: torch.Tensor) -> Image.Image:
+    """float (3, H, W) in [-1, 1] -> a PIL RGB image."""
+    array = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return Image.fromarray(array.permute(1, 2, 0).cpu().numpy())
+
+
+def fit(image: Image.Image, size: Size, rng: np.random.Generator | None) -> Image.Image:
+    """Scale `image` to cover `size` (width, height), then crop: centred, or at a random offset from `rng`."""
+    width, height = size
+    scale = max(width / image.width, height / image.height)
+    resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    image = image.resize(resized, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    spare_x, spare_y = resized[0] - width, resized[1] - height
+    if rng is None:
+        left, top = spare_x // 2, spare_y // 2
+    else:
+        left, top = int(rng.integers(0, spare_x + 1)), int(rng.integers(0, spare_y + 1))
+    return image.crop((left, top, left + width, top + height))
+
+
+# --- aspect-ratio buckets -------------------------------------------------------------------------------
+
+
+def make_buckets(resolution: int, multiple: int, max_ratio: float = 2.0) -> list[Size]:
+    """(width, height) pairs, multiples of `multiple`, of about resolution**2 pixels and aspect ratio at most
+    `max_ratio` either way (the NovelAI bucketing scheme)."""
+    area = resolution * resolution
+    buckets = set()
+    for width in range(multiple, 2 * resolution + 1, multiple):
+        height = (area // width) // multiple * multiple
+        if height >= multiple and 1 / max_ratio <= width / height <= max_ratio:
+            buckets.add((width, height))
+            buckets.add((height, width))
+    return sorted(buckets)
+
+
+def nearest_bucket(size: Size, buckets: Sequence[Size]) -> Size:
+    """The bucket whose aspect ratio is nearest (in log ratio) to that of `size`."""
+    log_ratio = math.log(size[0] / size[1])
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - log_ratio), -b[0] * b[1]))
+
+
+# --- image folders --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Record:
+    path: Path
+    caption: str
+    size: Size
+
+
+@dataclass
+class SkipReport:
+    """What a folder scan left out, by reason (e.g. "unreadable", "no caption"), with example paths."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, reason: str, path: Path) -> None:
+        self.counts[reason] += 1
+        self.examples.setdefault(reason, [])
+        if len(self.examples[reason]) < 3:
+            self.examples[reason].append(str(path))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def scan_folder(root: str | Path) -> tuple[list[Record], SkipReport]:
+    """The usable (image, caption) records of an image folder, sorted by path, and what was skipped."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ParameterError(f"data={str(root)!r}: no such folder; give an image folder or 'shapes'")
+    captions = _metadata_captions(root)
+    skipped = SkipReport()
+    records = []
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+        caption = captions.get(path.relative_to(root).as_posix()) if captions else _sidecar_caption(path)
+        size = _image_size(path)
+        if size is None:
+            skipped.add("unreadable image", path)
+        elif caption is None:
+            skipped.add("no caption", path)
+        else:
+            records.append(Record(path, caption, size))
+    _warn_skipped(root, skipped)
+    if not records:
+        raise ParameterError(
+            f"{root}: no usable images (skipped {dict(skipped.counts)}); put captions in {METADATA_FILE} "
+            f"or in a .txt file beside each image ({', '.join(IMAGE_SUFFIXES)})"
+        )
+    return records, skipped
+
+
+def _metadata_captions(root: Path) -> dict[str, str] | None:
+    path = root / METADATA_FILE
+    if not path.is_file():
+        return None
+    captions = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            captions[Path(entry["file_name"]).as_posix()] = str(entry["text"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ParameterError(
+                f"{path}, line {number}: expected a JSON object with 'file_name' and 'text' ({e!r})"
+            ) from None
+    return captions
+
+
+def _sidecar_caption(image_path: Path) -> str | None:
+    txt = image_path.with_suffix(".txt")
+    if not txt.is_file():
+        return None
+    return txt.read_text(encoding="utf-8", errors="replace").strip()
+
+
+def _image_size(path: Path) -> Size | None:
+    """(width, height) after EXIF orientation, or None if the file is not a readable image."""
+    try:
+        with Image.open(path) as image:
+            image.verify()  # checks the file's structure (and checksums, for PNG) without decoding
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            return image.size
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        log.debug("cannot read %s: %s", path, e)
+        return None
+
+
+def _warn_skipped(root: Path, skipped: SkipReport) -> None:
+    for reason, count in skipped.counts.items():
+        log.warning("%s: skipped %d images (%s), e.g. %s", root, count, reason, skipped.examples[reason])
+
+
+class ImageFolderDataset:
+    """Captioned images of a folder, cropped to `resolution` squares or to aspect-ratio buckets.
+
+    `load(index, epoch)` -> {"pixels": (3, H, W) float32 in [-1, 1], "caption": str}.
+    """
+
+    def __init__(self, root: str | Path, resolution: int, *, center_crop: bool = True, random_flip: bool = False,
+                 buckets: Sequence[Size] | None = None, seed: int = 0, records: Sequence[Record] | None = None):
+        if records is None:
+            records, self.skipped = scan_folder(root)
+        else:
+            self.skipped = SkipReport()
+        self.root, self.records = Path(root), list(records)
+        self.center_crop, self.random_flip, self.seed = center_crop, random_flip, seed
+        square = (resolution, resolution)
+        self.sizes = [nearest_bucket(r.size, buckets) if buckets else square for r in self.records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether an item is the same in every epoch (what caching latents requires)."""
+        return self.center_crop and not self.random_flip
+
+    def load(self, index: int, epoch: int = 0) -> dict:
+        record = self.records[index]
+        rng = np.random.default_rng([self.seed, epoch, index])
+        try:
+            with Image.open(record.path) as image:
+                image = ImageOps.exif_transpose(image).convert("RGB")
+        except (OSError, UnidentifiedImageError) as e:
+            raise ParameterError(f"{record.path}: became unreadable during training ({e})") from e
+        image = fit(image, self.sizes[index], None if self.center_crop else rng)
+        if self.random_flip and rng.random() < 0.5:
+            image = ImageOps.mirror(image)
+        return {"pixels": to_tensor(image), "caption": record.caption}
+
+    def split(self, fraction: float, seed: int = 0) -> tuple[ImageFolderDataset, ImageFolderDataset]:
+        """(train, held-out): a seeded `fraction` of the records (at least one) is held out."""
+        order = np.random.default_rng([seed, 0xE7A1]).permutation(len(self.records))
+        n_eval = max(1, round(fraction * len(self.records)))
+        if n_eval >= len(self.records):
+            raise ParameterError(f"{self.root}: {len(self.records)} images are too few to hold out {fraction:.0%}")
+        held, kept = sorted(order[:n_eval]), sorted(order[n_eval:])
+        return self._subset(kept), self._subset(held)
+
+    def _subset(self, indices) -> ImageFolderDataset:
+        subset = object.__new__(ImageFolderDataset)
+        subset.__dict__.update(self.__dict__)
+        subset.records = [self.records[i] for i in indices]
+        subset.sizes = [self.sizes[i] for i in indices]
+        return subset
+
+
+class ShapesSource:
+    """The procedural shapes world as a training source; `load(index, epoch)` ignores the epoch (scenes are
+    rendered at `resolution` already, and flips or crops would contradict the captions' positions)."""
+
+    deterministic = True
+
+    def __init__(self, resolution: int, length: int, seed: int = 0, split: str = "train"):
+        self.shapes = ShapesDataset(seed=seed, length=length, size=resolution, split=split)
+        self.sizes = None
+        self.skipped = SkipReport()
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def load(self, index: int, epoch: int = 0) -> dict:
+        image, caption = self.shapes[index]
+        return {"pixels": to_tensor(image), "caption": caption}
+
+
+def collate(items: Sequence[dict]) -> dict:
+    """Stack pixels (all items of a batch share one size) and list the captions."""
+    return {"pixels": torch.stack([item["pixels"] for item in items]), "caption": [item["caption"] for item in items]}
+
+
+# --- batch order ----------------------------------------------------------------------------------------
+
+
+class BatchOrder:
+    """The global batches of each epoch: lists of `batch` indices, a pure function of (seed, epoch).
+
+    With `sizes` (one bucket per item), a batch only holds items of one bucket: each bucket is shuffled and
+    cut into batches (an incomplete last batch is dropped), then the batches of all buckets are shuffled.
+    """
+
+    def __init__(self, length: int, batch: int, seed: int, sizes: Sequence[Size] | None = None):
+        groups: dict[Size | None, list[int]] = {}
+        for index in range(length):
+            groups.setdefault(sizes[index] if sizes else None, []).append(index)
+        self.groups = list(groups.values())
+        self.batch, self.seed = batch, seed
+        self.batches_per_epoch = sum(len(g) // batch for g in self.groups)
+        if self.batches_per_epoch == 0:
+            raise ParameterError(
+                f"the data set has {length} items, too few for one global batch of {batch} "
+                "(batch_size x processes); lower batch_size or add images"
+            )
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        batches = []
+        for group in self.groups:
+            shuffled = [group[i] for i in torch.randperm(len(group), generator=generator).tolist()]
+            batches += [shuffled[i : i + self.batch] for i in range(0, len(group) - self.batch + 1, self.batch)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+class DataStream:
+    """An endless stream of global batches over epochs; (epoch, position) is its whole state."""
+
+    def __init__(self, order: BatchOrder):
+        self.order = order
+        self.epoch, self.position = 0, 0
+        self._batches = order.epoch(0)
+
+    def next(self) -> tuple[int, list[int]]:
+        """(epoch, indices of the next global batch)."""
+        if self.position >= len(self._batches):
+            self.epoch, self.position = self.epoch + 1, 0
+            self._batches = self.order.epoch(self.epoch)
+        batch = self._batches[self.position]
+        self.position += 1
+        return self.epoch, batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._batches = self.order.epoch(self.epoch)
