@@ -39,8 +39,9 @@ for sd in (ckpt.unet, ckpt.vae, ckpt.text_encoder):
         t.sum()  # read every page
         nbytes += t.numel() * t.element_size()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+hwm = [int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")]
 print(json.dumps({"base_kib": base, "after_load_kib": after_load, "peak_kib": peak, "weight_bytes": nbytes,
-                  "family": ckpt.config.name}))
+                  "family": ckpt.config.name, "vmhwm_kib": hwm[0] if hwm else None}))
 """
 
 
@@ -85,17 +86,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layout", choices=["diffusers", "single-file", "both"], default="both")
     parser.add_argument("--dir", type=Path, help="make the temporary directory here (needs about 9 GB free)")
+    parser.add_argument("--write-only", type=Path, help=argparse.SUPPRESS)  # internal: the writer process
     args = parser.parse_args()
     layouts = ["diffusers", "single-file"] if args.layout == "both" else [args.layout]
+    if args.write_only:
+        print(json.dumps({k: str(v) for k, v in write_checkpoints(args.write_only, layouts).items()}))
+        return
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        paths = write_checkpoints(Path(tmp), layouts)
+        # Linux carries ru_maxrss across fork+exec, so the process that held the random weights must not be
+        # the parent of the measuring one: both run as children of this small process.
+        writer = [sys.executable, __file__, "--layout", args.layout, "--write-only", tmp]
+        out = subprocess.run(writer, check=True, capture_output=True, text=True).stdout
+        paths = json.loads(out.strip().splitlines()[-1])
         for layout, path in paths.items():
-            r = measure(path)
+            r = measure(Path(path))
             print(
                 f"{layout:12s} {r['family']}: weights {r['weight_bytes'] / 2**30:.2f} GiB fp32; "
-                f"RSS after import {r['base_kib'] / 2**20:.2f} GiB; peak after load {r['after_load_kib'] / 2**20:.2f} GiB, "
+                f"RSS after import {r['base_kib'] / 2**20:.2f} GiB; "
+                f"peak after load {r['after_load_kib'] / 2**20:.2f} GiB, "
                 f"after touching every weight {r['peak_kib'] / 2**20:.2f} GiB; "
-                f"(peak - baseline) / weights = {r['ratio']:.3f} (target < 1.3)"
+                f"(peak - baseline) / weights = {r['ratio']:.3f} (target < 1.3); VmHWM {r['vmhwm_kib'] / 2**20:.2f} GiB"
             )
 
 

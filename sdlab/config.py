@@ -118,6 +118,10 @@ class ScheduleConfig:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: BetaSchedule = "scaled_linear"
+    # How sampling picks timesteps out of the training ones (diffusers' scheduler config): SD ships
+    # "leading" spacing with an offset of 1.
+    timestep_spacing: Literal["leading", "linspace", "trailing"] = "leading"
+    steps_offset: int = 1
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,9 @@ def sample_batch(model, prompts: list[str], negatives: list[str], params: Genera
                  generator: rng.Generator, *, callback=None, interrupt=None) -> GenerationResult:
     """The loop behind `generate`, for one batch of (prompt, negative prompt) pairs; `params` resolved."""
     spec = _sampler(params)
-    sigmas = spec.make_sigmas(model.config.schedule, params.steps, schedule=params.schedule.lower())
+    train = model.config.schedule
+    sigmas = spec.make_sigmas(train, params.steps, schedule=params.schedule.lower(),
+                              spacing=train.timestep_spacing, steps_offset=train.steps_offset)
     start = _first_step(params)
     schedule = NoiseSchedule.from_config(model.config.schedule)
     denoiser = ModelDenoiser(model.unet, schedule, model.config.prediction, quantize=spec.quantize(params.schedule))
@@ -135,7 +137,7 @@ def _start(model, params, denoiser, cond, uncond, spec, sigmas, start, generator
     shape = (n, model.config.vae.latent_channels, params.height // f, params.width // f)
     concat = None
     if params.mode == "txt2img":
-        x = rng.randn(shape, generator, device=device, dtype=dtype) * spec.initial_noise_scale(sigmas)
+        x = rng.randn(shape, generator, device=device, dtype=dtype) * _initial_scale(model, spec, sigmas)
         guided = GuidedDenoiser(denoiser, cond, uncond, params.cfg_scale, rescale=params.guidance_rescale)
         return x, guided
     pixels = to_pixels(params.init_image, params.width, params.height).to(device, dtype)
@@ -145,7 +147,7 @@ def _start(model, params, denoiser, cond, uncond, spec, sigmas, start, generator
         image_latents = encode_image(model, pixels, n, generator)
     noise = rng.randn(shape, generator, device=device, dtype=dtype)
     if start == 0 and params.mode != "img2img":
-        x = noise * spec.initial_noise_scale(sigmas)
+        x = noise * _initial_scale(model, spec, sigmas)
     else:
         x = image_latents + noise * sigmas[start]
     if params.mode == "inpaint":
@@ -159,6 +161,10 @@ def _start(model, params, denoiser, cond, uncond, spec, sigmas, start, generator
     if ordinary_inpaint:
         return x, MaskedDenoiser(guided, image_latents, latent_mask, noise)
     return x, guided
+
+
+def _initial_scale(model, spec: SamplerSpec, sigmas: torch.Tensor) -> float:
+    return spec.initial_noise_scale(sigmas, model.config.schedule.timestep_spacing)
 
 
 def encode_image(model, pixels: torch.Tensor, batch: int, generator: rng.Generator) -> torch.Tensor:

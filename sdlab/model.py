@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import checkpoints
-from .config import ModelConfig
+from .config import PRESETS, ModelConfig
 from .errors import CheckpointError
 from .nn.clip import TextEncoder
 from .nn.unet import UNet
@@ -74,6 +74,21 @@ class Model:
         )
         return cls(ckpt.config, tokenizer, **nets, source=Path(ckpt.source))
 
+    @classmethod
+    def from_name(cls, name: str | Path | None = None, **load_options) -> Model:
+        """Resolve what users type for `--model`: None or "builtin" = the model shipped with sdlab;
+        "random:<preset>" = random weights of a preset (e.g. "random:sd15", for smoke tests and benchmarks);
+        anything else is a path (diffusers folder or single file)."""
+        if name is None or str(name) == "builtin":
+            return cls.load(builtin_model_path(), **load_options)
+        if str(name).startswith("random:"):
+            preset = str(name).removeprefix("random:")
+            if preset not in PRESETS:
+                raise CheckpointError(f"unknown preset {preset!r} in {name!r}; valid: {', '.join(PRESETS)}")
+            torch.manual_seed(0)
+            return cls.build(PRESETS[preset], dtype=load_options.get("dtype", torch.float32))
+        return cls.load(name, **load_options)
+
     def save(self, path: str | Path, *, layout: str = "diffusers", dtype: torch.dtype | None = None,
              overwrite: bool = False) -> Path:
         """Write the model as a diffusers folder (`layout="diffusers"`) or one `.safetensors` file
@@ -100,6 +115,16 @@ class Model:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
+
+
+def builtin_model_path() -> Path:
+    """The folder of the small model trained on the shapes world that ships with sdlab."""
+    path = Path(__file__).parent / "data" / "builtin"
+    if not (path / "model_index.json").is_file():
+        raise CheckpointError(
+            f"the built-in model is not in this installation ({path}); pass a model path, or "
+            "'random:tiny' for random weights")
+    return path
 
 
 def _networks(config: ModelConfig) -> dict[str, nn.Module]:

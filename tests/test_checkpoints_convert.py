@@ -93,8 +93,10 @@ def test_diffusers_converters_invert_our_export_exactly(config):
     converted = _reference_convert(ldm, config)
     for component, sd in states.items():
         assert_same_state_dict(converted[component], sd)  # same keys, shapes, dtypes and values
-    assert_same_state_dict({k: v for c in ldm_to_diffusers(ldm, config).values() for k, v in c.items()},
-                           {k: v for c in states.values() for k, v in c.items()})
+    assert_same_state_dict(
+        {k: v for c in ldm_to_diffusers(ldm, config).values() for k, v in c.items()},
+        {k: v for c in states.values() for k, v in c.items()},
+    )
 
 
 @pytest.mark.parametrize("name", FULL_SIZE)
@@ -103,7 +105,13 @@ def test_diffusers_converters_agree_on_full_size_layouts(name, meta_state_dicts)
     # infer_diffusers_model_type inspects), so the family check needs the real sizes.
     config, states = PRESETS[name], meta_state_dicts[name]
     ldm = diffusers_to_ldm(states, config)
-    family = {"sd15": "v1", "sd15-inpaint": "inpainting", "sd21-base": "v2", "sd21": "v2", "sd2-inpaint": "inpainting_v2"}
+    family = {
+        "sd15": "v1",
+        "sd15-inpaint": "inpainting",
+        "sd21-base": "v2",
+        "sd21": "v2",
+        "sd2-inpaint": "inpainting_v2",
+    }
     assert reference.infer_diffusers_model_type(ldm) == family[name]
     converted = _reference_convert(ldm, config)
     for component, sd in states.items():
@@ -168,16 +176,20 @@ def test_extras_of_released_files_are_ignored():
     states = reference_state_dicts(config)
     ldm = diffusers_to_ldm(states, config)
     n = config.text_encoder.num_layers
-    extra_layer = {k.replace(f"resblocks.{n - 1}.", f"resblocks.{n}."): v for k, v in ldm.items() if f"resblocks.{n - 1}." in k}
+    extra_layer = {
+        k.replace(f"resblocks.{n - 1}.", f"resblocks.{n}."): v for k, v in ldm.items() if f"resblocks.{n - 1}." in k
+    }
     ldm.update(extra_layer)
-    ldm.update({
-        "cond_stage_model.model.text_projection": torch.zeros(32, 32),
-        "cond_stage_model.model.logit_scale": torch.zeros(()),
-        "model_ema.decay": torch.zeros(()),
-        "model_ema.diffusion_modelconv_inweight": torch.zeros(1),
-        "alphas_cumprod": torch.zeros(1000),
-        "betas": torch.zeros(1000),
-    })
+    ldm.update(
+        {
+            "cond_stage_model.model.text_projection": torch.zeros(32, 32),
+            "cond_stage_model.model.logit_scale": torch.zeros(()),
+            "model_ema.decay": torch.zeros(()),
+            "model_ema.diffusion_modelconv_inweight": torch.zeros(1),
+            "alphas_cumprod": torch.zeros(1000),
+            "betas": torch.zeros(1000),
+        }
+    )
     back = ldm_to_diffusers(ldm, config)
     for component, sd in states.items():
         assert_same_state_dict(back[component], sd)
@@ -187,8 +199,11 @@ def test_legacy_and_transformers5_text_encoder_names():
     config = TINY_CONFIGS[0]
     states = reference_state_dicts(config)
     ldm = diffusers_to_ldm(states, config)
-    # transformers < 4.x: no `text_model.` level, plus the position_ids buffer.
-    legacy = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v for k, v in ldm.items()}
+    # Old transformers versions: no `text_model.` level, plus the position_ids buffer.
+    legacy = {
+        k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
+        for k, v in ldm.items()
+    }
     legacy["cond_stage_model.transformer.embeddings.position_ids"] = torch.arange(77)[None]
     assert_same_state_dict(ldm_to_diffusers(legacy, config)["text_encoder"], states["text_encoder"])
     # transformers >= 5 writes CLIPTextModel keys without `text_model.`.

@@ -10,7 +10,7 @@ from test_checkpoints_support import reference_state_dicts
 
 from sdlab.checkpoints import configs, detect_family, diffusers_to_ldm
 from sdlab.checkpoints.detect import resolve_family
-from sdlab.config import PRESETS, SD15, SD15_INPAINT, SD2_INPAINT, SD21, SD21_BASE, UNetConfig, VAEConfig
+from sdlab.config import PRESETS, SD2_INPAINT, SD15, SD15_INPAINT, SD21, SD21_BASE, UNetConfig, VAEConfig
 from sdlab.errors import CheckpointError
 
 
@@ -68,8 +68,14 @@ def test_openclip_file_with_full_tower_uses_the_penultimate_layer(sd21_ldm):
 def test_non_standard_sizes_are_read_from_shapes():
     custom = SD15.replace(
         name="sd1-custom",
-        unet=UNetConfig(channels=(64, 128, 192), attention_levels=(False, True, True), layers_per_block=1,
-                        transformer_depth=2, in_channels=4, out_channels=8),
+        unet=UNetConfig(
+            channels=(64, 128, 192),
+            attention_levels=(False, True, True),
+            layers_per_block=1,
+            transformer_depth=2,
+            in_channels=4,
+            out_channels=8,
+        ),
         vae=VAEConfig(channels=(32, 64, 64), layers_per_block=3, latent_channels=8),
         text_encoder=dataclasses.replace(SD15.text_encoder, width=128, num_layers=5, num_heads=2, mlp_width=256),
     )
@@ -125,13 +131,21 @@ def test_config_translation_round_trips(name):
     text = configs.text_encoder_to_transformers(config.text_encoder)
     assert configs.text_encoder_from_transformers(text, config.text_encoder.pad_token_id) == config.text_encoder
     assert configs.schedule_from_diffusers(configs.schedule_to_diffusers(config.schedule, config.prediction)) == (
-        config.schedule, config.prediction)
+        config.schedule,
+        config.prediction,
+    )
     assert configs.config_from_json(configs.config_to_json(config), "test") == config
 
 
 def test_diffusers_builds_the_heads_we_mean():
-    unet = UNet2DConditionModel(**{k: v for k, v in configs.unet_to_diffusers(PRESETS["tiny"].unet, 8).items() if k[0] != "_"})
-    heads = [block.attentions[0].transformer_blocks[0].attn1.heads for block in unet.down_blocks if hasattr(block, "attentions")]
+    unet = UNet2DConditionModel(
+        **{k: v for k, v in configs.unet_to_diffusers(PRESETS["tiny"].unet, 8).items() if k[0] != "_"}
+    )
+    heads = [
+        block.attentions[0].transformer_blocks[0].attn1.heads
+        for block in unet.down_blocks
+        if hasattr(block, "attentions")
+    ]
     assert heads == [PRESETS["tiny"].unet.heads_at(0)]
 
 
@@ -151,5 +165,12 @@ def test_unsupported_scheduler_and_text_encoder():
     with pytest.raises(CheckpointError, match="beta_schedule"):
         configs.schedule_from_diffusers({"beta_schedule": "squaredcos_cap_v2"})
     with pytest.raises(CheckpointError, match="hidden_act"):
-        configs.text_encoder_from_transformers({"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1,
-                                                "intermediate_size": 8, "hidden_act": "relu"})
+        configs.text_encoder_from_transformers(
+            {
+                "hidden_size": 8,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 1,
+                "intermediate_size": 8,
+                "hidden_act": "relu",
+            }
+        )

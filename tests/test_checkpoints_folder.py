@@ -9,7 +9,13 @@ import torch
 from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
 from test_checkpoints_support import TINY_CONFIGS, TINY_SD1, TINY_SD2, assert_same_state_dict, reference_state_dicts
 
-from sdlab.checkpoints import DestinationExistsError, diffusers_to_ldm, load_checkpoint, save_diffusers, save_single_file
+from sdlab.checkpoints import (
+    DestinationExistsError,
+    diffusers_to_ldm,
+    load_checkpoint,
+    save_diffusers,
+    save_single_file,
+)
 from sdlab.errors import CheckpointError
 
 COMPONENTS = ("unet", "vae", "text_encoder")
@@ -33,7 +39,9 @@ def test_diffusers_loads_the_folder_we_write(tmp_path, config):
     assert type(pipe) is cls
     assert_same_state_dict(pipe.unet.state_dict(), states["unet"])
     assert_same_state_dict(pipe.vae.state_dict(), states["vae"])
-    text = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in pipe.text_encoder.state_dict().items()}
+    text = {
+        k if k.startswith("text_model.") else "text_model." + k: v for k, v in pipe.text_encoder.state_dict().items()
+    }
     assert_same_state_dict(text, states["text_encoder"])
     assert pipe.scheduler.config.prediction_type == config.prediction
     assert pipe.tokenizer.pad_token_id == config.text_encoder.pad_token_id
@@ -70,7 +78,9 @@ def test_reads_what_diffusers_saves(tmp_path, safe_serialization):
     """Sharded fp16-variant safetensors with index files, or .bin pickles (through the safe reader)."""
     states = reference_state_dicts(TINY_SD2)
     pipe = StableDiffusionPipeline.from_pretrained(_save_folder(tmp_path / "ours", TINY_SD2, states))
-    pipe.save_pretrained(tmp_path / "theirs", variant="fp16", max_shard_size="100KB", safe_serialization=safe_serialization)
+    pipe.save_pretrained(
+        tmp_path / "theirs", variant="fp16", max_shard_size="100KB", safe_serialization=safe_serialization
+    )
     if safe_serialization:
         assert (tmp_path / "theirs" / "unet" / "diffusion_pytorch_model.safetensors.index.fp16.json").is_file()
     ckpt = load_checkpoint(tmp_path / "theirs", variant="fp16")
@@ -92,7 +102,9 @@ def test_unsupported_pipeline_folder(tmp_path):
     states = reference_state_dicts(TINY_SD1)
     folder = _save_folder(tmp_path / "model", TINY_SD1, states)
     index = json.loads((folder / "model_index.json").read_text())
-    index.update(_class_name="StableDiffusionXLPipeline", text_encoder_2=["transformers", "CLIPTextModelWithProjection"])
+    index.update(
+        _class_name="StableDiffusionXLPipeline", text_encoder_2=["transformers", "CLIPTextModelWithProjection"]
+    )
     (folder / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="StableDiffusionXLPipeline is not supported"):
         load_checkpoint(folder)
@@ -101,7 +113,9 @@ def test_unsupported_pipeline_folder(tmp_path):
 @pytest.mark.parametrize("config", TINY_CONFIGS, ids=lambda c: c.name)
 def test_single_file_round_trip(tmp_path, config):
     states = reference_state_dicts(config)
-    path = save_single_file(tmp_path / "model.safetensors", config, states["unet"], states["vae"], states["text_encoder"])
+    path = save_single_file(
+        tmp_path / "model.safetensors", config, states["unet"], states["vae"], states["text_encoder"]
+    )
     ckpt = load_checkpoint(path)
     assert ckpt.config == config  # exactly, from the config sdlab stores in the file's metadata
     assert ckpt.tokenizer_dir is None
@@ -110,8 +124,9 @@ def test_single_file_round_trip(tmp_path, config):
 
 def test_single_file_fp16(tmp_path):
     states = reference_state_dicts(TINY_SD1)
-    path = save_single_file(tmp_path / "m.safetensors", TINY_SD1, states["unet"], states["vae"], states["text_encoder"],
-                            dtype=torch.float16)
+    path = save_single_file(
+        tmp_path / "m.safetensors", TINY_SD1, states["unet"], states["vae"], states["text_encoder"], dtype=torch.float16
+    )
     assert path.stat().st_size < 0.6 * sum(v.numel() * 4 for sd in states.values() for v in sd.values())
     ckpt = load_checkpoint(path)
     assert ckpt.unet["conv_in.weight"].dtype == torch.float16
@@ -126,8 +141,13 @@ def test_original_lightning_ckpt_with_extras(tmp_path):
     states = reference_state_dicts(config)
     ldm = diffusers_to_ldm(states, config)
     n = config.text_encoder.num_layers
-    ldm.update({k.replace(f"resblocks.{n - 1}.", f"resblocks.{n}."): torch.randn_like(v) for k, v in ldm.items()
-                if f"resblocks.{n - 1}." in k})
+    ldm.update(
+        {
+            k.replace(f"resblocks.{n - 1}.", f"resblocks.{n}."): torch.randn_like(v)
+            for k, v in ldm.items()
+            if f"resblocks.{n - 1}." in k
+        }
+    )
     ldm["cond_stage_model.model.text_projection"] = torch.randn(32, 32)
     ldm["model_ema.decay"] = torch.tensor(0.9999)
     ldm["alphas_cumprod"] = torch.rand(1000)

@@ -48,12 +48,18 @@ def reference_state_dicts(config: ModelConfig, device: str = "cpu") -> dict[str,
         (k if k.startswith("text_model.") else "text_model." + k): v for k, v in states["text_encoder"].items()
     }
     if device != "meta":  # distinctive values everywhere, so a swapped tensor cannot go unnoticed
-        states = {n: {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in sd.items()} for n, sd in states.items()}
+        states = {
+            n: {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in sd.items()}
+            for n, sd in states.items()
+        }
     return states
 
 
 def assert_same_state_dict(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], *, values: bool = True):
-    assert sorted(actual) == sorted(expected), (sorted(set(actual) - set(expected))[:5], sorted(set(expected) - set(actual))[:5])
+    assert sorted(actual) == sorted(expected), (
+        sorted(set(actual) - set(expected))[:5],
+        sorted(set(expected) - set(actual))[:5],
+    )
     for key, want in expected.items():
         got = actual[key]
         assert got.shape == want.shape, (key, got.shape, want.shape)

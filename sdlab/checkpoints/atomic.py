@@ -26,7 +26,9 @@ def check_destination(path: str | os.PathLike, overwrite: bool) -> Path:
     path = Path(path)
     if path.exists() and not overwrite:
         kind = "folder" if path.is_dir() else "file"
-        raise DestinationExistsError(f"{path}: a {kind} with this name already exists; pass overwrite=True to replace it")
+        raise DestinationExistsError(
+            f"{path}: a {kind} with this name already exists; pass overwrite=True to replace it"
+        )
     return path
 
 

@@ -62,6 +62,7 @@ VAE_FIXED: dict[str, Any] = {
     "mid_block_add_attention": True,
 }
 CLIP_ACTIVATIONS = ("quick_gelu", "gelu")
+CLIP_ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 
 
 # --- UNet -----------------------------------------------------------------------------------------------
@@ -72,7 +73,9 @@ def unet_from_diffusers(d: Mapping[str, Any], where: str = "unet/config.json") -
     channels = tuple(_required(d, "block_out_channels", where))
     attention = tuple(_attention_levels(d, where))
     if len(attention) != len(channels):
-        raise CheckpointError(f"{where}: down_block_types has {len(attention)} entries but block_out_channels has {len(channels)}")
+        raise CheckpointError(
+            f"{where}: down_block_types has {len(attention)} entries but block_out_channels has {len(channels)}"
+        )
     num_heads, head_dim = _heads(d, channels, where)
     return UNetConfig(
         in_channels=d.get("in_channels", 4),
@@ -126,7 +129,9 @@ def _attention_levels(d: Mapping[str, Any], where: str) -> list[bool]:
     up = d.get("up_block_types")
     expected_up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(levels)]
     if up is not None and list(up) != expected_up:
-        raise CheckpointError(f"{where}: up_block_types {list(up)} do not mirror down_block_types; expected {expected_up}")
+        raise CheckpointError(
+            f"{where}: up_block_types {list(up)} do not mirror down_block_types; expected {expected_up}"
+        )
     return levels
 
 
@@ -141,8 +146,8 @@ def _heads(d: Mapping[str, Any], channels: tuple[int, ...], where: str) -> tuple
         raise CheckpointError(f"{where}: attention_head_dim has {len(heads)} entries for {len(channels)} levels")
     if len(set(heads)) == 1:
         return heads[0], None
-    head_dims = {c // h for c, h in zip(channels, heads)}
-    if len(head_dims) != 1 or any(c % h for c, h in zip(channels, heads)):
+    head_dims = {c // h for c, h in zip(channels, heads, strict=True)}
+    if len(head_dims) != 1 or any(c % h for c, h in zip(channels, heads, strict=True)):
         raise CheckpointError(
             f"{where}: attention_head_dim {heads} (heads per level) gives neither the same number of heads nor "
             f"the same head size at every level of block_out_channels {list(channels)}; sdlab supports those two"
@@ -202,10 +207,10 @@ def text_encoder_from_transformers(
     """A CLIPTextConfig dict -> TextEncoderConfig. The padding token is the tokenizer's (CLIPTextConfig's
     own `pad_token_id` is an unused leftover); without one it is guessed from the family: OpenCLIP (GELU)
     pads with "!" (0), OpenAI CLIP with <|endoftext|> (49407)."""
-    architectures = d.get("architectures") or ["CLIPTextModel"]
-    if d.get("model_type", "clip_text_model") != "clip_text_model" or architectures[0] not in ("CLIPTextModel", "CLIPTextModelWithProjection"):
+    architecture = (d.get("architectures") or ["CLIPTextModel"])[0]
+    if d.get("model_type", "clip_text_model") != "clip_text_model" or architecture not in CLIP_ARCHITECTURES:
         raise CheckpointError(
-            f"{where}: a {architectures[0]} ({d.get('model_type')}) text encoder is not supported; "
+            f"{where}: a {architecture} ({d.get('model_type')}) text encoder is not supported; "
             f"sdlab supports CLIPTextModel (model_type clip_text_model)"
         )
     activation = d.get("hidden_act", "quick_gelu")
@@ -252,16 +257,22 @@ def text_encoder_to_transformers(cfg: TextEncoderConfig) -> dict[str, Any]:
 # --- scheduler ------------------------------------------------------------------------------------------
 
 
-def schedule_from_diffusers(d: Mapping[str, Any], where: str = "scheduler/scheduler_config.json") -> tuple[ScheduleConfig, str]:
+def schedule_from_diffusers(
+    d: Mapping[str, Any], where: str = "scheduler/scheduler_config.json"
+) -> tuple[ScheduleConfig, str]:
     """(the training noise schedule, what the UNet predicts) from any diffusers scheduler config."""
     if d.get("trained_betas") is not None:
-        raise CheckpointError(f"{where}: explicit trained_betas are not supported; give beta_start/beta_end/beta_schedule")
+        raise CheckpointError(
+            f"{where}: explicit trained_betas are not supported; give beta_start/beta_end/beta_schedule"
+        )
     schedule = d.get("beta_schedule", "linear")
     if schedule not in ("scaled_linear", "linear"):
         raise CheckpointError(f"{where}: beta_schedule {schedule!r} is not supported; use 'scaled_linear' or 'linear'")
     prediction = d.get("prediction_type", "epsilon")
     if prediction not in ("epsilon", "v_prediction"):
-        raise CheckpointError(f"{where}: prediction_type {prediction!r} is not supported; use 'epsilon' or 'v_prediction'")
+        raise CheckpointError(
+            f"{where}: prediction_type {prediction!r} is not supported; use 'epsilon' or 'v_prediction'"
+        )
     config = ScheduleConfig(
         num_train_timesteps=d.get("num_train_timesteps", 1000),
         beta_start=d.get("beta_start", 0.0001),

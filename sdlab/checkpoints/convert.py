@@ -54,12 +54,12 @@ def diffusers_to_ldm(components: Mapping[str, Mapping[str, torch.Tensor]], confi
 
 
 def normalize_ldm_keys(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
-    """Files made with transformers < 4.x store the SD 1.x text encoder without the `text_model.` level."""
-    old = [k for k in state_dict if k.startswith(CLIP_ROOT) and not k.startswith(CLIP_ROOT + TEXT_MODEL)]
-    if not old:
-        return dict(state_dict)
-    out = {k: v for k, v in state_dict.items() if k not in set(old)}
-    out.update({CLIP_ROOT + TEXT_MODEL + k[len(CLIP_ROOT):]: state_dict[k] for k in old})
+    """Files made with old transformers versions store the SD 1.x text encoder without the `text_model.` level."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith(CLIP_ROOT) and not key.startswith(CLIP_ROOT + TEXT_MODEL):
+            key = CLIP_ROOT + TEXT_MODEL + key[len(CLIP_ROOT):]
+        out[key] = value
     return out
 
 
@@ -112,7 +112,9 @@ def _split_fused(key: str, value: torch.Tensor, fused: Mapping[str, str], out: S
     stem, _, kind = key.rpartition("_")
     if stem not in fused or kind not in ("weight", "bias"):
         return False
-    for part, chunk in zip(OPENCLIP_FUSED_QKV, value.chunk(3, dim=0)):
+    if value.shape[0] % 3:
+        raise CheckpointError(f"{key}: a fused q/k/v tensor needs 3 x width rows, but has shape {tuple(value.shape)}")
+    for part, chunk in zip(OPENCLIP_FUSED_QKV, value.chunk(3, dim=0), strict=True):
         out[f"{fused[stem]}.{part}.{kind}"] = chunk
     return True
 

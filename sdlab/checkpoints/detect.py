@@ -71,7 +71,9 @@ def detect_family(
     return named_like_preset(config, family)
 
 
-def _assemble(text: TextEncoderConfig, unet: UNetConfig, vae: VAEConfig, prediction: str, openclip: bool) -> ModelConfig:
+def _assemble(
+    text: TextEncoderConfig, unet: UNetConfig, vae: VAEConfig, prediction: str, openclip: bool
+) -> ModelConfig:
     base = (SD21 if prediction == "v_prediction" else SD21_BASE) if openclip else SD15
     if openclip and prediction == "v_prediction":
         unet = dataclasses.replace(unet, upcast_attention=True)  # as SD 2.1-v's config has it
@@ -81,11 +83,16 @@ def _assemble(text: TextEncoderConfig, unet: UNetConfig, vae: VAEConfig, predict
 def _reject_unsupported(sd: Mapping[str, torch.Tensor]) -> None:
     for prefix, what in UNSUPPORTED_MARKERS.items():
         if any(k.startswith(prefix) for k in sd):
-            raise CheckpointError(f"unsupported architecture: this looks like {what}. sdlab supports {SUPPORTED_FAMILIES}")
+            raise CheckpointError(
+                f"unsupported architecture: this looks like {what}. sdlab supports {SUPPORTED_FAMILIES}"
+            )
     needed = {
         "UNet": UNET_ROOT + "input_blocks.0.0.weight",
         "VAE": VAE_ROOT + "encoder.conv_in.weight",
-        "text encoder": (CLIP_ROOT + "text_model.embeddings.token_embedding.weight", OPENCLIP_ROOT + "token_embedding.weight"),
+        "text encoder": (
+            CLIP_ROOT + "text_model.embeddings.token_embedding.weight",
+            OPENCLIP_ROOT + "token_embedding.weight",
+        ),
     }
     absent = [part for part, keys in needed.items() if not any(k in sd for k in _as_tuple(keys))]
     if absent:
@@ -216,7 +223,9 @@ def _normalize_prediction(value: str) -> str:
         return "epsilon"
     if value in ("v", "v_prediction", "v-prediction"):
         return "v_prediction"
-    raise CheckpointError(f"the checkpoint's metadata says prediction_type={value!r}; expected 'epsilon' or 'v_prediction'")
+    raise CheckpointError(
+        f"the checkpoint's metadata says prediction_type={value!r}; expected 'epsilon' or 'v_prediction'"
+    )
 
 
 # --- helpers --------------------------------------------------------------------------------------------
@@ -224,7 +233,9 @@ def _normalize_prediction(value: str) -> str:
 
 def _get(sd: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
     if key not in sd:
-        raise CheckpointError(f"unknown architecture: the weight {key!r} is missing. sdlab supports {SUPPORTED_FAMILIES}")
+        raise CheckpointError(
+            f"unknown architecture: the weight {key!r} is missing. sdlab supports {SUPPORTED_FAMILIES}"
+        )
     return sd[key]
 
 

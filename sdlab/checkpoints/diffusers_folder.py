@@ -52,7 +52,9 @@ def is_diffusers_folder(path: Path) -> bool:
 # --- reading --------------------------------------------------------------------------------------------
 
 
-def read_folder(folder: Path, *, variant: str | None = None) -> tuple[ModelConfig, dict[str, dict[str, torch.Tensor]], Path | None]:
+def read_folder(
+    folder: Path, *, variant: str | None = None
+) -> tuple[ModelConfig, dict[str, dict[str, torch.Tensor]], Path | None]:
     """(config, {"unet", "vae", "text_encoder"} state dicts, tokenizer folder or None) of a diffusers folder."""
     index = _read_json(folder / MODEL_INDEX)
     _check_model_index(index, folder / MODEL_INDEX)
@@ -150,7 +152,9 @@ def _check_model_index(index: Mapping[str, Any], where: Path) -> None:
     for name, (library, classes) in EXPECTED_CLASSES.items():
         entry = index.get(name)
         if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == library and entry[1] in classes):
-            raise CheckpointError(f"{where}: component {name!r} is {entry!r}; expected [{library!r}, one of {list(classes)}]")
+            raise CheckpointError(
+                f"{where}: component {name!r} is {entry!r}; expected [{library!r}, one of {list(classes)}]"
+            )
 
 
 def _read_json(path: Path) -> dict:
@@ -185,7 +189,8 @@ def write_folder(
         _write_json(tmp / "unet" / "config.json", configs.unet_to_diffusers(config.unet, sample))
         _write_json(tmp / "vae" / "config.json", configs.vae_to_diffusers(config.vae, config.default_size))
         _write_json(tmp / "text_encoder" / "config.json", configs.text_encoder_to_transformers(config.text_encoder))
-        _write_json(tmp / "scheduler" / "scheduler_config.json", configs.schedule_to_diffusers(config.schedule, config.prediction))
+        scheduler = configs.schedule_to_diffusers(config.schedule, config.prediction)
+        _write_json(tmp / "scheduler" / "scheduler_config.json", scheduler)
         write_tokenizer(tmp / "tokenizer", config.text_encoder.pad_token_id, config.text_encoder.max_length)
         for name, weights_name in WEIGHT_NAMES.items():
             tensors = cast(components[name], dtype)

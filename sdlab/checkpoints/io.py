@@ -75,7 +75,9 @@ def sniff_format(path: Path) -> str:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
     if path.is_dir():
-        raise CheckpointError(f"{path}: is a folder, not a checkpoint file (a diffusers folder is read by load_checkpoint)")
+        raise CheckpointError(
+            f"{path}: is a folder, not a checkpoint file (a diffusers folder is read by load_checkpoint)"
+        )
     with open(path, "rb") as f:
         head = f.read(9)
     if head.startswith(ZIP_MAGIC):

@@ -120,7 +120,7 @@ def _unet_encoder(cfg: UNetConfig) -> list[Pair]:
     downsampling conv (`op`) in a block of its own, except after the last level."""
     n, levels = cfg.layers_per_block, len(cfg.channels)
     pairs, block, in_ch = [], 1, cfg.channels[0]
-    for level, (ch, attention) in enumerate(zip(cfg.channels, cfg.attention_levels)):
+    for level, (ch, attention) in enumerate(zip(cfg.channels, cfg.attention_levels, strict=True)):
         for j in range(n):
             pairs += _unet_resnet(f"input_blocks.{block}.0", f"down_blocks.{level}.resnets.{j}", in_ch != ch)
             if attention:
@@ -184,11 +184,13 @@ def _vae_encoder(cfg: VAEConfig) -> list[Pair]:
     pairs, in_ch, levels = [("encoder.conv_in", "encoder.conv_in")], cfg.channels[0], len(cfg.channels)
     for level, ch in enumerate(cfg.channels):
         for j in range(cfg.layers_per_block):
-            pairs += _vae_resnet(f"encoder.down.{level}.block.{j}", f"encoder.down_blocks.{level}.resnets.{j}", in_ch != ch)
+            original, diffusers = f"encoder.down.{level}.block.{j}", f"encoder.down_blocks.{level}.resnets.{j}"
+            pairs += _vae_resnet(original, diffusers, in_ch != ch)
             in_ch = ch
         if level < levels - 1:
             pairs.append((f"encoder.down.{level}.downsample.conv", f"encoder.down_blocks.{level}.downsamplers.0.conv"))
-    return pairs + _vae_middle("encoder") + [("encoder.norm_out", "encoder.conv_norm_out"), ("encoder.conv_out", "encoder.conv_out")]
+    pairs += _vae_middle("encoder")
+    return pairs + [("encoder.norm_out", "encoder.conv_norm_out"), ("encoder.conv_out", "encoder.conv_out")]
 
 
 def _vae_decoder(cfg: VAEConfig) -> list[Pair]:

@@ -17,7 +17,7 @@ channels (mask, masked-image latents) through `concat`.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -117,7 +117,7 @@ class GuidedDenoiser:
         return self.model.to_denoised(x, sigma, output)
 
     def _guided_output(self, x, sigma) -> torch.Tensor:
-        twice = lambda t: None if t is None else torch.cat([t, t])  # noqa: E731
+        twice = lambda t: None if t is None else torch.cat([t, t])
         both = self.model.network_output(twice(x), twice(sigma), torch.cat([self.uncond, self.cond]),
                                          twice(self.concat))
         uncond, cond = both.chunk(2)  # each (B, 4, h, w)

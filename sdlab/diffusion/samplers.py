@@ -25,8 +25,7 @@ Euler step with eta = 1, PLMS is an Adams-Bashforth method on dx/dsigma.
 
 from __future__ import annotations
 
-import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

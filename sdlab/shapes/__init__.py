@@ -11,7 +11,7 @@ from sdlab.shapes.captions import PromptError, caption, parse_prompt
 from sdlab.shapes.dataset import ShapesDataset
 from sdlab.shapes.evaluate import (
     ATTRIBUTES, Analysis, Detection, EvalReport, EvalTable, analyze, contact_sheet, eval_prompts, evaluate,
-    run_eval, score,
+    run_eval, score, score_analysis,
 )
 from sdlab.shapes.render import render
 from sdlab.shapes.world import (
@@ -23,5 +23,5 @@ __all__ = [
     "ATTRIBUTES", "BACKGROUNDS", "HELDOUT_PAIRS", "POSITIONS", "RELATIONS", "SHAPES", "SHAPE_COLOURS", "SIZES",
     "Analysis", "Detection", "EvalReport", "EvalTable", "ObjectSpec", "PromptError", "Scene", "SceneSpec",
     "ShapeObject", "ShapesDataset", "analyze", "caption", "contact_sheet", "eval_prompts", "evaluate",
-    "parse_prompt", "render", "run_eval", "sample_scene", "score",
+    "parse_prompt", "render", "run_eval", "sample_scene", "score", "score_analysis",
 ]

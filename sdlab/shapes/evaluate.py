@@ -1,11 +1,17 @@
 """Score an image against the scene its prompt asks for, by plain image analysis (no learned model).
 
-Pipeline: nearest palette colour per pixel in CIELAB -> 3x3 majority filter (removes noise and the thin
-rings of in-between colours at blurred edges) -> background = most common label on the border ->
-connected components of every other shape colour -> per component: shape by best IoU against the
-renderer's own outlines fitted to the component's bounding box, size from the box's longer side,
-position from the box centre's third of the image. Prompt objects are matched to components by best
-agreement, then each stated attribute is checked.
+Pipeline:
+1. Label each pixel with its nearest palette colour in CIELAB, then take a 3x3 majority vote (removes
+   noise and most one-pixel rings of in-between colours at blurred edges).
+2. Background = the most common label on the image border.
+3. Blobs = connected components of each shape colour that contrasts with the background, minus the thick
+   rims a blur leaves around a shape in a third colour (orange on black blurs through brown).
+4. Each blob is read as a soft coverage map (pixel = mix of shape and background colour). For every
+   outline the renderer knows, place it where a shape of that area and centroid would sit (blur keeps
+   both), and compare by soft IoU, also against blurred versions of the outline. The best fit gives the
+   shape, its box gives size (longer side vs the small/large midpoint) and position (third of the image).
+5. Prompt objects are matched to blobs by best agreement (shape first, then colour), and every attribute
+   the prompt states is checked.
 """
 
 from __future__ import annotations
@@ -32,12 +38,12 @@ logger = logging.getLogger(__name__)
 ATTRIBUTES = ("colour", "shape", "count", "size", "position", "relation", "background", "all")
 _COLOUR_NAMES = tuple(PALETTE)
 _PALETTE_LAB = srgb_to_lab(np.array([PALETTE[c] for c in _COLOUR_NAMES]))  # (K, 3)
-_LARGE_EXTENT = SIZES["small"] + SIZES["large"]  # box side halfway between small (2 * 0.10) and large
-_MIN_AREA = 0.004 * 1.0  # of the image area: a small star covers ~0.014, specks of noise far less
+_LARGE_EXTENT = SIZES["small"] + SIZES["large"]  # box side halfway between small and large boxes
+_MIN_AREA = 0.004  # of the image area: a small star covers ~0.018, specks of noise far less
+_MIN_SHAPE_IOU = 0.35  # rims and slivers fit no outline; even a clumsy blob fits a circle far better
 _RELATION_MARGIN = 0.1  # fraction of the image side by which "above" must be above
-_MAX_CANDIDATES = 8  # largest components considered when matching prompt objects
-_TEMPLATE_BLURS = (0.0, 0.8, 1.5)  # templates are also tried blurred, as a VAE or JPEG blurs the image
-_MIN_SHAPE_IOU = 0.35
+_MAX_CANDIDATES = 8  # largest blobs considered when matching prompt objects
+_TEMPLATE_BLURS = (0.0, 0.8, 1.5)  # Gaussian sigmas (pixels) at which outlines are also tried
 _SKIRT_WIDTH = 4  # pixels around a blob that its blurred edge may reach
 _RIM_WIDTH = 3  # pixels: how far a blurred rim reaches out from its shape
 _RIM_FRACTION = 0.8  # a rim lies almost entirely within that reach
@@ -54,8 +60,8 @@ class Detection:
     position: str
     centre: tuple[float, float]
     extent: float
-    area: int
-    shape_iou: float  # overlap with the best-fitting outline: low values mean a blob, not a shape
+    area: float  # soft area in pixels
+    shape_iou: float  # soft IoU with the best-fitting outline
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,8 @@ def describe_blob(rgb: np.ndarray, component: np.ndarray, colour: str, backgroun
     core = _box3_sum(component.astype(np.int32)) == 9
     colour_rgb = np.median(rgb[core].astype(np.float64), axis=0)
     coverage = coverage_estimate(rgb, colour_rgb, background_rgb) * region
+    if coverage.sum() < 1.0:  # colour and background indistinguishable: fall back to the hard mask
+        coverage = component.astype(np.float64)
     fits = {shape: _fit_outline(coverage, shape) for shape in SHAPES}
     shape = max(fits, key=lambda s: fits[s][0])
     iou, (cx, cy, radius) = fits[shape]
@@ -170,27 +178,30 @@ def describe_blob(rgb: np.ndarray, component: np.ndarray, colour: str, backgroun
 
 
 def _fit_outline(coverage: np.ndarray, shape: str) -> tuple[float, tuple[float, float, float]]:
-    """Soft IoU of `shape` placed where a blob of this area and centroid would sit, and that placement
-    (box centre x, y and half-side, in pixels)."""
+    """Soft IoU of `shape` placed where a shape of the blob's area and centroid would sit, and that
+    placement (box centre x, y and half-side, in pixels)."""
     area = coverage.sum()
     ys, xs = np.mgrid[0:coverage.shape[0], 0:coverage.shape[1]] + 0.5  # pixel centres
-    mean_x, mean_y = (xs * coverage).sum() / area, (ys * coverage).sum() / area
     fill, (offset_x, offset_y) = outline_geometry(shape)
     radius = np.sqrt(area / (4 * fill))
-    cx, cy = mean_x - offset_x * radius, mean_y - offset_y * radius
-    rows, cols = np.nonzero(coverage)
-    margin = 3  # room for a blurred template's skirt
-    window = (
-        int(np.floor(min(cols.min(), cx - radius))) - margin, int(np.floor(min(rows.min(), cy - radius))) - margin,
-        int(np.ceil(max(cols.max() + 1, cx + radius))) + margin,
-        int(np.ceil(max(rows.max() + 1, cy + radius))) + margin,
-    )
-    wx0, wy0, wx1, wy1 = window
-    box = (cx - radius - wx0, cy - radius - wy0, cx + radius - wx0, cy + radius - wy0)
-    sharp = shape_coverage(shape, box, wx1 - wx0, wy1 - wy0)
+    cx = (xs * coverage).sum() / area - offset_x * radius
+    cy = (ys * coverage).sum() / area - offset_y * radius
+    window = _window_around(coverage, (cx - radius, cy - radius, cx + radius, cy + radius))
+    x0, y0, x1, y1 = window
+    box = (cx - radius - x0, cy - radius - y0, cx + radius - x0, cy + radius - y0)  # window coordinates
+    sharp = shape_coverage(shape, box, x1 - x0, y1 - y0)
     observed = _crop_padded(coverage, window)
     iou = max(_soft_iou(observed, _gaussian_blur(sharp, sigma)) for sigma in _TEMPLATE_BLURS)
     return iou, (float(cx), float(cy), float(radius))
+
+
+def _window_around(coverage: np.ndarray, box: tuple[float, float, float, float], margin: int = 3):
+    """Integer (x0, y0, x1, y1) holding both the blob and `box`, plus room for a blurred template."""
+    rows, cols = np.nonzero(coverage)
+    return (
+        int(np.floor(min(cols.min(), box[0]))) - margin, int(np.floor(min(rows.min(), box[1]))) - margin,
+        int(np.ceil(max(cols.max() + 1, box[2]))) + margin, int(np.ceil(max(rows.max() + 1, box[3]))) + margin,
+    )
 
 
 def _soft_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -239,7 +250,6 @@ def analyze(image) -> Analysis:
     detections = [
         describe_blob(rgb, mask, colour, background_rgb, region) for (colour, mask), region in zip(blobs, regions)
     ]
-    # Rims and slivers fit no outline at all; even a badly drawn shape fits a circle far better than this.
     detections = [d for d in detections if d.shape_iou >= _MIN_SHAPE_IOU]
     detections.sort(key=lambda d: -d.area)
     return Analysis(_COLOUR_NAMES[background_index], tuple(detections))
@@ -253,12 +263,13 @@ def _drop_blurred_edges(
     pink) and form a thick ring. Such a blob hugs the other one and its colour lies between the other's
     and the background's; a real shape of that colour is not wrapped around a neighbour."""
     medians = [np.median(rgb[mask].astype(np.float64), axis=0) for _, mask in blobs]
+    reaches = [_dilate(mask, _RIM_WIDTH) for _, mask in blobs]
     keep = []
     for i, (colour, mask) in enumerate(blobs):
         rim_of_another = any(
-            j != i and (mask & _dilate(other, _RIM_WIDTH)).sum() >= _RIM_FRACTION * mask.sum()
+            j != i and (mask & reach).sum() >= _RIM_FRACTION * mask.sum()
             and _lies_between(medians[i], medians[j], background_rgb)
-            for j, (_, other) in enumerate(blobs)
+            for j, reach in enumerate(reaches)
         )
         if not rim_of_another:
             keep.append((colour, mask))
@@ -279,8 +290,10 @@ def _find_blobs(labels: np.ndarray, background_index: int) -> list[tuple[str, np
     blobs = []
     # Colours too close to the background are never drawn on it; their pixels are background noise.
     for colour in colours_allowed_on(_COLOUR_NAMES[background_index]):
-        index = _COLOUR_NAMES.index(colour)
-        for component in connected_components(labels == index):
+        mask = labels == _COLOUR_NAMES.index(colour)
+        if mask.sum() < min_area:
+            continue
+        for component in connected_components(mask):
             if component.sum() >= min_area and _has_core(component):
                 blobs.append((colour, component))
     return blobs
@@ -297,7 +310,11 @@ _MATCH_WEIGHTS = {"shape": 8, "colour": 6, "position": 2, "size": 1}
 def score(spec: SceneSpec, image) -> dict[str, bool]:
     """Per attribute the prompt states, whether the image shows it; "count" is always scored and "all"
     is the conjunction."""
-    analysis = analyze(image)
+    return score_analysis(spec, analyze(image))
+
+
+def score_analysis(spec: SceneSpec, analysis: Analysis) -> dict[str, bool]:
+    """`score` on an image already analysed (to check one image against several specs)."""
     matched = _match(spec.objects, analysis.objects[:_MAX_CANDIDATES])
     scores = {"count": len(analysis.objects) == len(spec.objects)}
     for attribute in _OBJECT_ATTRIBUTES:
@@ -386,7 +403,8 @@ def contact_sheet(images: Sequence, labels: Sequence[str], path, columns: int = 
     line_height = 12
     text_height = line_height * max(len(w) for w in wrapped) + 4
     rows = -(-len(tiles) // columns)
-    sheet = Image.new("RGB", (columns * (cell + 4), rows * (cell + text_height + 4)), (255, 255, 255))
+    # Light gray, so that white-background tiles keep visible edges.
+    sheet = Image.new("RGB", (columns * (cell + 4), rows * (cell + text_height + 4)), (215, 215, 215))
     draw = ImageDraw.Draw(sheet)
     for i, (tile, lines) in enumerate(zip(tiles, wrapped)):
         x, y = (i % columns) * (cell + 4) + 2, (i // columns) * (cell + text_height + 4) + 2

@@ -11,6 +11,7 @@ so an evaluation can ask whether a model composes attributes it has only seen ap
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -129,6 +130,7 @@ def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     return np.stack([lightness, 500.0 * (f[..., 0] - f[..., 1]), 200.0 * (f[..., 1] - f[..., 2])], axis=-1)
 
 
+@functools.lru_cache(maxsize=None)
 def colours_allowed_on(background: str) -> tuple[str, ...]:
     """Shape colours that contrast enough with `background` (never the background's own colour)."""
     bg = srgb_to_lab(PALETTE[background])

@@ -92,6 +92,8 @@ class TrainConfig:
     sample_guidance: float = 5.0
     export_layouts: tuple[str, ...] = ("diffusers", "single-file")
     progress_bar: bool = True
+    resume: bool = True  # continue from the newest checkpoint in output_dir, if there is one
+    device: str | None = None  # None: CUDA when available, else CPU
 
     def __post_init__(self):
         _validate(self)
@@ -149,6 +151,8 @@ def _validate(c: TrainConfig) -> None:
            "cache_latents needs a deterministic crop: set center_crop=True and random_flip=False")
     _check(not (c.uses_lora and c.task == "vae"), "lora_rank applies to diffusion training, not task='vae'")
     _check(not (c.buckets and c.data == "shapes"), "buckets need an image folder; the shapes world is square")
+    _check(not (c.random_flip and c.data == "shapes"),
+           "random_flip would contradict the shapes captions ('left of', 'top right'); leave it off for 'shapes'")
 
 
 # --- the model architecture -------------------------------------------------------------------------------

@@ -41,12 +41,6 @@ def to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
-def to_image(pixels: torch.Tensor) -> Image.Image:
-    """float (3, H, W) in [-1, 1] -> a PIL RGB image."""
-    array = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return Image.fromarray(array.permute(1, 2, 0).cpu().numpy())
-
-
 def fit(image: Image.Image, size: Size, rng: np.random.Generator | None) -> Image.Image:
     """Scale `image` to cover `size` (width, height), then crop: centred, or at a random offset from `rng`."""
     width, height = size
@@ -192,7 +186,7 @@ class ImageFolderDataset:
             records, self.skipped = scan_folder(root)
         else:
             self.skipped = SkipReport()
-        self.root, self.records = Path(root), list(records)
+        self.root, self.records, self.resolution, self.buckets = Path(root), list(records), resolution, buckets
         self.center_crop, self.random_flip, self.seed = center_crop, random_flip, seed
         square = (resolution, resolution)
         self.sizes = [nearest_bucket(r.size, buckets) if buckets else square for r in self.records]
@@ -228,11 +222,8 @@ class ImageFolderDataset:
         return self._subset(kept), self._subset(held)
 
     def _subset(self, indices) -> ImageFolderDataset:
-        subset = object.__new__(ImageFolderDataset)
-        subset.__dict__.update(self.__dict__)
-        subset.records = [self.records[i] for i in indices]
-        subset.sizes = [self.sizes[i] for i in indices]
-        return subset
+        return ImageFolderDataset(self.root, self.resolution, center_crop=self.center_crop, random_flip=self.random_flip,
+                                  buckets=self.buckets, seed=self.seed, records=[self.records[i] for i in indices])
 
 
 class ShapesSource:

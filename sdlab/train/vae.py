@@ -60,10 +60,11 @@ class VAEObjective(nn.Module):
     sees the discriminator's parameters detached and the discriminator term sees the reconstruction
     detached, so one backward pass trains both players on their own objectives."""
 
-    def __init__(self, vae: VAE, *, recon_loss: str = "l1", kl_weight: float = 1e-6, disc_weight: float = 0.0):
+    def __init__(self, vae: VAE, *, recon_loss: str = "l1", kl_weight: float = 1e-6, disc_weight: float = 0.0,
+                 disc_layers: int = 3):
         super().__init__()
         self.vae, self.recon_loss, self.kl_weight, self.disc_weight = vae, recon_loss, kl_weight, disc_weight
-        self.discriminator = PatchDiscriminator(vae.cfg.out_channels) if disc_weight > 0 else None
+        self.discriminator = PatchDiscriminator(vae.cfg.out_channels, layers=disc_layers) if disc_weight > 0 else None
 
     def forward(self, pixels, posterior_noise, adversarial: bool = False):
         mean, logvar = self.vae.encode(pixels)
@@ -85,6 +86,12 @@ class VAEObjective(nn.Module):
         fake = self.discriminator(recon.detach()).float()
         disc = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
         return gen, disc
+
+
+def discriminator_layers(resolution: int) -> int:
+    """Downsampling layers that leave the patch logits a few pixels wide: 3 (pix2pix's 70x70 patches) from
+    128 pixels up, fewer for small images."""
+    return max(1, min(3, int(math.log2(resolution)) - 4))
 
 
 @torch.no_grad()

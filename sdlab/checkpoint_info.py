@@ -1,0 +1,85 @@
+"""What is this checkpoint? A summary of a diffusers folder or single file, for `sdlab info`.
+
+Reads the weights memory-mapped (nothing is computed on them, only shapes and dtypes are looked at), and
+hashes the file(s) that `sdlab.fingerprint` hashes for the "Model hash" field.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+from .checkpoints import load_checkpoint
+from .fingerprint import checkpoint_sha256, hashed_files, short_hash
+
+COMPONENTS = ("unet", "vae", "text_encoder")
+
+
+def describe_checkpoint(path: str | os.PathLike, *, hash_files: bool = True) -> dict:
+    """A JSON-ready summary: layout, family, prediction, sizes, dtypes, parameter counts, hash."""
+    path = Path(path)
+    ckpt = load_checkpoint(path)
+    config = ckpt.config
+    weights = {name: getattr(ckpt, name) for name in COMPONENTS}
+    info = {
+        "path": str(path),
+        "layout": "diffusers" if path.is_dir() else "single-file",
+        "family": config.name,
+        "inpainting": config.is_inpainting,
+        "prediction": config.prediction,
+        "native_size": config.default_size,
+        "unet": {"channels": list(config.unet.channels), "in_channels": config.unet.in_channels,
+                 "context_dim": config.unet.context_dim, "layers_per_block": config.unet.layers_per_block},
+        "text_encoder": {"width": config.text_encoder.width, "layers": config.text_encoder.num_layers},
+        "vae": {"channels": list(config.vae.channels), "latent_channels": config.vae.latent_channels,
+                "downscale": config.vae.downscale, "scaling_factor": config.vae.scaling_factor},
+        "dtypes": {name: _dtypes(sd) for name, sd in weights.items()},
+        "parameters": {name: _count(sd) for name, sd in weights.items()},
+        "bytes": sum(f.stat().st_size for f in _all_files(path)),
+    }
+    info["parameters"]["total"] = sum(info["parameters"].values())
+    if hash_files:
+        full = checkpoint_sha256(path)
+        info["sha256"], info["hash"] = full, short_hash(full)
+        info["hashed_files"] = [str(f) for f in hashed_files(path)]
+    return info
+
+
+def _dtypes(state: dict) -> dict[str, int]:
+    counts = Counter(str(t.dtype).removeprefix("torch.") for t in state.values())
+    return dict(counts.most_common())
+
+
+def _count(state: dict) -> int:
+    return sum(t.numel() for t in state.values())
+
+
+def _all_files(path: Path) -> list[Path]:
+    return [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+
+
+def format_info(info: dict) -> str:
+    """The summary as aligned human-readable lines."""
+    p = info["parameters"]
+    lines = [
+        f"path:        {info['path']} ({info['layout']}, {info['bytes'] / 2**20:.1f} MiB)",
+        f"family:      {info['family']}{' (inpainting)' if info['inpainting'] else ''}",
+        f"prediction:  {info['prediction']}",
+        f"native size: {info['native_size']}x{info['native_size']}",
+        f"unet:        channels {info['unet']['channels']}, in_channels {info['unet']['in_channels']}, "
+        f"context {info['unet']['context_dim']}",
+        f"text enc.:   width {info['text_encoder']['width']}, {info['text_encoder']['layers']} layers",
+        f"vae:         channels {info['vae']['channels']}, downscale {info['vae']['downscale']}, "
+        f"scaling {info['vae']['scaling_factor']}",
+        "dtypes:      " + "; ".join(f"{k} {_fmt_counts(v)}" for k, v in info["dtypes"].items()),
+        f"parameters:  unet {p['unet']:,}, vae {p['vae']:,}, text_encoder {p['text_encoder']:,}, "
+        f"total {p['total']:,}",
+    ]
+    if "sha256" in info:
+        lines.append(f"sha256:      {info['sha256']} (short hash {info['hash']})")
+    return "\n".join(lines)
+
+
+def _fmt_counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {dtype}" for dtype, n in counts.items())

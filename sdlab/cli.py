@@ -1,0 +1,434 @@
+"""The `sdlab` command line: a thin layer over the Python API.
+
+    sdlab generate "a red circle above a blue square" --seed 7 --steps 20 --size 64x64
+    sdlab generate --from-png outputs/00001-7.png            # re-create an image from its metadata
+    torchrun --nproc-per-node 4 -m sdlab.cli generate --prompts prompts.txt --seed 100
+    sdlab img2img "a blue star" --init in.png --strength 0.6
+    sdlab inpaint "a green square" --init in.png --mask mask.png
+    sdlab serve --model random:tiny                           # A1111 + OpenAI APIs and a web UI
+    sdlab convert model.safetensors out_folder --dtype fp16
+    sdlab info model.safetensors
+    sdlab samplers
+
+The generation flags are made from `GenerationParams`' fields (see `PARAM_FLAGS`); images are written as
+numbered `NNNNN-<seed>.png` files that never replace an existing file, each carrying its parameters in
+A1111's `parameters` text chunk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import sys
+import typing
+from pathlib import Path
+
+import torch
+
+from .diffusion.registry import get_sampler, sampler_names
+from .diffusion.schedules import SCHEDULES
+from .errors import ParameterError, SdlabError
+from .params import GenerationParams
+
+log = logging.getLogger("sdlab.cli")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULTS = GenerationParams()
+
+# How GenerationParams' fields appear as flags. Fields not listed (prompt, width/height, init_image, mask)
+# have their own arguments: a positional prompt, --size WxH, --init and --mask.
+PARAM_FLAGS = {
+    "negative_prompt": ("--negative", "what the image should not show"),
+    "steps": ("--steps", "sampler steps"),
+    "sampler": ("--sampler", "sampler name or key (list: `sdlab samplers`)"),
+    "schedule": ("--schedule", f"sigma schedule: {', '.join(SCHEDULES)}"),
+    "cfg_scale": ("--cfg", "classifier-free guidance scale (1 = no guidance)"),
+    "guidance_rescale": ("--guidance-rescale", "CFG rescale phi (Lin et al. 2023), 0 = off"),
+    "seed": ("--seed", "random seed; image i of a batch uses seed + i (default: random)"),
+    "batch_size": ("--batch", "images per prompt"),
+    "clip_skip": ("--clip-skip", "text encoder layer to condition on, counted from the end (A1111's)"),
+    "eta": ("--eta", "noise amount for DDIM / ancestral samplers (default: the sampler's)"),
+}
+IMAGE_FLAGS = {"strength": ("--strength", "img2img: fraction of the schedule to run (1 = ignore the image)")}
+
+
+# ---- parser ----
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser = argparse.ArgumentParser(prog="sdlab", description="Stable Diffusion from scratch: generate, "
+                                     "train, evaluate, serve.", parents=[common])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for mode in ("generate", "img2img", "inpaint"):
+        _add_generate(sub, mode, common)
+    _add_train(sub, common)
+    _add_eval(sub, common)
+    _add_serve(sub, common)
+    _add_convert(sub, common)
+    _add_info(sub, common)
+    _add_samplers(sub, common)
+    return parser
+
+
+def _add_generate(sub, mode: str, common) -> None:
+    helps = {"generate": "text to image", "img2img": "image to image", "inpaint": "repaint the masked region"}
+    p = sub.add_parser(mode, help=helps[mode], parents=[common])
+    p.add_argument("prompt", nargs="?", default=argparse.SUPPRESS, help="the prompt")
+    if mode == "generate":
+        source = p.add_mutually_exclusive_group()
+        source.add_argument("--prompts", type=Path, help="a file of prompts, one per line (splits over torchrun)")
+        source.add_argument("--from-png", type=Path, help="re-create the image whose metadata this PNG holds "
+                            "(flags given as well override its values)")
+    else:
+        p.add_argument("--init", type=Path, required=True, help="the starting image")
+        p.add_argument("--mask", type=Path, required=mode == "inpaint", help="white = repaint")
+    _add_param_flags(p, with_image=mode != "generate")
+    _add_model_flags(p)
+    p.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs)")
+    p.add_argument("--save-steps", choices=("gif", "grid"), help="also save the x0 preview of each step")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_generate, mode=mode)
+
+
+def _add_param_flags(p: argparse.ArgumentParser, *, with_image: bool) -> None:
+    """One flag per GenerationParams field, typed from its annotation; absent flags stay absent, so that
+    they do not override values read from a PNG."""
+    hints = typing.get_type_hints(GenerationParams)
+    flags = {**PARAM_FLAGS, **(IMAGE_FLAGS if with_image else {})}
+    for name, (flag, help_text) in flags.items():
+        default = getattr(DEFAULTS, name)
+        p.add_argument(flag, dest=name, type=_scalar(hints[name]), default=argparse.SUPPRESS,
+                       help=f"{help_text} (default: {default})")
+    p.add_argument("--size", type=_size, default=argparse.SUPPRESS, metavar="WxH",
+                   help="image size, e.g. 512x512 (default: the model's native size)")
+
+
+def _scalar(hint) -> type:
+    """int | None -> int."""
+    return next(t for t in (typing.get_args(hint) or (hint,)) if t is not type(None))
+
+
+def _size(text: str) -> tuple[int, int]:
+    from .pngmeta import parse_size
+
+    try:
+        return parse_size(text)
+    except ParameterError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="a checkpoint file or diffusers folder, 'builtin' (default), "
+                   "or 'random:<preset>' (random weights, e.g. random:tiny)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="compute dtype (default: fp32)")
+
+
+def _add_train(sub, common) -> None:
+    p = sub.add_parser("train", help="train a model (see `sdlab train --help`)", add_help=False, parents=[common])
+    p.add_argument("train_args", nargs=argparse.REMAINDER)
+    p.set_defaults(run=cmd_train)
+
+
+def _add_eval(sub, common) -> None:
+    p = sub.add_parser("eval", help="score a model on shapes-world prompts", parents=[common])
+    p.add_argument("--kind", choices=("single", "relation", "heldout"), default="single")
+    p.add_argument("--n", type=int, default=50, help="number of prompts (default: 50)")
+    p.add_argument("--prompt-seed", type=int, default=0, help="which set of evaluation prompts (default: 0)")
+    p.add_argument("--eval-batch", type=int, default=16, help="prompts per forward pass (default: 16)")
+    _add_param_flags(p, with_image=False)
+    _add_model_flags(p)
+    p.add_argument("--out", type=Path, default=Path("eval"), help="report folder (default: eval)")
+    p.set_defaults(run=cmd_eval)
+
+
+def _add_serve(sub, common) -> None:
+    p = sub.add_parser("serve", help="HTTP server: A1111 and OpenAI APIs and a web UI", parents=[common])
+    p.add_argument("--model", default="builtin", help="model loaded at startup (default: builtin)")
+    p.add_argument("--models-dir", type=Path, help="folder of checkpoints clients may pick by name")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--api-key", default=os.environ.get("SDLAB_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $SDLAB_API_KEY)")
+    p.add_argument("--basic-auth", default=os.environ.get("SDLAB_BASIC_AUTH"), metavar="USER:PASSWORD",
+                   help="require HTTP basic auth (default: $SDLAB_BASIC_AUTH)")
+    p.add_argument("--cors-origin", action="append", default=[], help="allow this origin (repeatable)")
+    p.add_argument("--queue-size", type=int, default=8, help="jobs that may wait; more get 429 (default: 8)")
+    p.add_argument("--max-images", type=int, default=16, help="images per request (default: 16)")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds the running job gets on SIGTERM")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    p.set_defaults(run=cmd_serve)
+
+
+def _add_convert(sub, common) -> None:
+    p = sub.add_parser("convert", help="convert between checkpoint layouts and dtypes", parents=[common])
+    p.add_argument("source", type=Path, help="a checkpoint file or diffusers folder")
+    p.add_argument("dest", type=Path, help="where to write (must not exist unless --overwrite)")
+    p.add_argument("--layout", choices=("diffusers", "single-file"),
+                   help="default: single-file if dest ends in .safetensors, else diffusers")
+    p.add_argument("--dtype", choices=DTYPES, help="convert floating-point weights (e.g. fp16)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=cmd_convert)
+
+
+def _add_info(sub, common) -> None:
+    p = sub.add_parser("info", help="what a checkpoint is: family, sizes, dtypes, parameters, hash",
+                       parents=[common])
+    p.add_argument("path", type=Path)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--no-hash", action="store_true", help="skip the SHA-256 (slow on large files)")
+    p.set_defaults(run=cmd_info)
+
+
+def _add_samplers(sub, common) -> None:
+    p = sub.add_parser("samplers", help="list samplers and schedules", parents=[common])
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_samplers)
+
+
+# ---- generate / img2img / inpaint ----
+
+
+def cmd_generate(args) -> int:
+    from .prompt_jobs import process_rank, read_prompts, shard
+
+    base, png_model = _base_params(args)
+    model, info = _load_model(args, png_model)
+    if getattr(args, "prompts", None):
+        rank, world = process_rank()
+        if base.seed is None:
+            base = base.replace(seed=0)
+            log.warning("--prompts without --seed: using base seed 0 (prompt k gets seed k x batch)")
+        jobs = shard(read_prompts(args.prompts), base.seed, base.batch_size, rank, world)
+        log.info("process %d of %d: %d prompts", rank, world, len(jobs))
+        for job in jobs:
+            _generate_and_save(model, info, base.replace(prompt=job.prompt, seed=job.seed), args)
+    else:
+        _generate_and_save(model, info, base, args)
+    return 0
+
+
+def _base_params(args) -> tuple[GenerationParams, dict]:
+    """GenerationParams from (the PNG given by --from-png, then) the flags given; plus the PNG's fields."""
+    from .pngmeta import parse_infotext
+
+    params, fields = DEFAULTS, {}
+    if getattr(args, "from_png", None):
+        text = _read_png_text(args.from_png)
+        parsed = parse_infotext(text)
+        params, fields = parsed.to_params(), parsed.fields
+    changes = {name: getattr(args, name) for name in {**PARAM_FLAGS, **IMAGE_FLAGS} if hasattr(args, name)}
+    if hasattr(args, "prompt"):
+        changes["prompt"] = args.prompt
+    if hasattr(args, "size"):
+        changes["width"], changes["height"] = args.size
+    if args.mode != "generate":
+        changes["init_image"] = _open_image(args.init, "--init")
+        changes["mask"] = _open_image(args.mask, "--mask") if args.mask else None
+    return params.replace(**changes), fields
+
+
+def _read_png_text(path: Path) -> str:
+    from .pngmeta import read_infotext
+
+    try:
+        text = read_infotext(path)
+    except OSError as e:
+        raise ParameterError(f"--from-png {path}: cannot read it as an image ({e})") from None
+    if not text:
+        raise ParameterError(f"--from-png {path}: the PNG has no 'parameters' text chunk to re-create it from")
+    return text
+
+
+def _open_image(path: Path, flag: str):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except OSError as e:
+        raise ParameterError(f"{flag} {path}: cannot read it as an image ({e})") from None
+
+
+def _load_model(args, png_fields: dict):
+    """The model named by --model (or by the PNG's "Model" field when it is reproducible by name) and its
+    ModelInfo for the metadata."""
+    from .fingerprint import model_display_name, model_sha256, short_hash
+    from .model import Model
+    from .pngmeta import ModelInfo
+
+    name = args.model
+    png_name = png_fields.get("Model")
+    if name is None and png_name is not None:
+        if png_name != "builtin" and not png_name.startswith("random:"):
+            raise ParameterError(f"the PNG was made with model {png_name!r}: pass its file with --model")
+        name = png_name
+    model = Model.from_name(name, device=args.device, dtype=DTYPES[args.dtype]).to(args.device)
+    info = ModelInfo(model_display_name(name), short_hash(model_sha256(model)))
+    wanted = png_fields.get("Model hash")
+    if wanted and wanted != info.hash:
+        log.warning("the PNG was made with a model of hash %s; %s has hash %s: the image will differ",
+                    wanted, info.name, info.hash)
+    return model, info
+
+
+def _generate_and_save(model, info, params: GenerationParams, args) -> list[Path]:
+    from .generation import generate
+    from .outputs import save_png, sibling_path, write_bytes_atomic
+    from .pngmeta import infotext
+    from .trajectory import TrajectoryRecorder, chain, trajectory_bytes
+
+    recorder = TrajectoryRecorder(model) if args.save_steps else None
+    bar = _ProgressBar(disable=args.quiet)
+    try:
+        result = generate(model, params, callback=chain(bar, recorder))
+    finally:
+        bar.close()
+    resolved = result.params
+    paths = [save_png(image, args.out, seed=resolved.seed + i, text=infotext(resolved, info, index=i))
+             for i, image in enumerate(result.images)]
+    if recorder is not None:
+        suffix = "-steps.gif" if args.save_steps == "gif" else "-steps.png"
+        path = sibling_path(paths[0], suffix)
+        write_bytes_atomic(path, trajectory_bytes(recorder.frames, args.save_steps))
+        paths.append(path)
+    for path in paths:
+        print(path)
+    return paths
+
+
+class _ProgressBar:
+    """A tqdm bar fed by the sampler's step callback (created at the first step, when the total is known)."""
+
+    def __init__(self, disable: bool = False):
+        self.disable, self.bar = disable, None
+
+    def __call__(self, info) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=info.total, unit="step", disable=self.disable, leave=False)
+        self.bar.update(info.step - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---- the other commands ----
+
+
+def cmd_train(args) -> int:
+    if importlib.util.find_spec("sdlab.train.cli") is None:
+        raise SdlabError("`sdlab train` is not available in this installation: sdlab.train.cli is missing")
+    from .train import cli as train_cli
+
+    parser = argparse.ArgumentParser(prog="sdlab train")
+    train_cli.add_arguments(parser)
+    return train_cli.main(parser.parse_args(args.train_args)) or 0
+
+
+def cmd_eval(args) -> int:
+    from . import rng
+    from .generation import sample_batch
+    from .shapes.evaluate import eval_prompts, run_eval
+
+    args.mode = "generate"
+    base, _ = _base_params(args)
+    base = base.replace(seed=0 if base.seed is None else base.seed, batch_size=1)
+    model, _ = _load_model(args, {})
+    prompts = eval_prompts(seed=args.prompt_seed, n=args.n, kind=args.kind)
+    done = [0]
+
+    def generate_fn(batch: list[str]) -> list:
+        # prompt k of the evaluation gets seed base + k, whatever the batching
+        seeds = [base.seed + done[0] + i for i in range(len(batch))]
+        params = base.replace(batch_size=len(batch)).resolved(model.config)
+        result = sample_batch(model, batch, [params.negative_prompt] * len(batch), params, rng.generators(seeds))
+        done[0] += len(batch)
+        return result.images
+
+    report = run_eval(generate_fn, prompts, args.out, batch_size=args.eval_batch)
+    print(report.text)
+    print(f"report: {args.out / 'report.txt'}; contact sheet: {report.contact_sheet}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    try:
+        from .server import ServerSettings, serve
+    except ImportError as e:
+        raise SdlabError(f"the server needs the 'server' extra: pip install 'sdlab[server]' ({e})") from None
+    settings = ServerSettings(
+        model=args.model, models_dir=args.models_dir, host=args.host, port=args.port, api_key=args.api_key,
+        basic_auth=args.basic_auth, cors_origins=tuple(args.cors_origin), queue_size=args.queue_size,
+        max_images=args.max_images, shutdown_grace_s=args.grace, device=args.device, dtype=args.dtype,
+        log_level="info" if args.verbose else "warning",
+    )
+    print(f"sdlab: serving {args.model} on http://{args.host}:{args.port}/", file=sys.stderr)
+    serve(settings)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .checkpoints import load_checkpoint, save_diffusers, save_single_file
+
+    layout = args.layout or ("single-file" if args.dest.suffix == ".safetensors" else "diffusers")
+    ckpt = load_checkpoint(args.source)
+    save = save_single_file if layout == "single-file" else save_diffusers
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    path = save(args.dest, ckpt.config, ckpt.unet, ckpt.vae, ckpt.text_encoder, dtype=dtype,
+                overwrite=args.overwrite)
+    print(f"{path} ({layout}, {ckpt.config.name}{', ' + args.dtype if args.dtype else ''})")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .checkpoint_info import describe_checkpoint, format_info
+
+    info = describe_checkpoint(args.path, hash_files=not args.no_hash)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+def cmd_samplers(args) -> int:
+    specs = [get_sampler(name) for name in sampler_names()]
+    if args.json:
+        rows = [{"name": s.label, "key": s.key, "aliases": list(s.aliases), "reference": s.reference,
+                 "stochastic": s.stochastic} for s in specs]
+        print(json.dumps({"samplers": rows, "schedules": list(SCHEDULES)}, indent=2))
+        return 0
+    print("samplers (name, key, diffusers equivalent):")
+    for s in specs:
+        keys = ", ".join((s.key, *s.aliases))
+        print(f"  {s.label:<14} {keys:<28} {s.reference or '-'}{'  [stochastic]' if s.stochastic else ''}")
+    print("schedules: " + ", ".join(SCHEDULES))
+    return 0
+
+
+# ---- entry point ----
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except SdlabError as e:
+        print(f"sdlab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sdlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

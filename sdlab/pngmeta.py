@@ -1,0 +1,232 @@
+"""Generation parameters in a PNG, the way AUTOMATIC1111's web UI writes them ("infotext").
+
+A PNG `tEXt`/`iTXt` chunk named `parameters` holds three parts:
+
+    a red circle above a blue square                        <- the prompt (may span lines)
+    Negative prompt: blurry                                 <- optional, may span lines
+    Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 64x64, Model hash: ...
+
+The last line is `key: value` pairs joined by ", "; a value holding a comma, colon, quote or newline is
+written as a JSON string. Other tools (A1111, ComfyUI readers, civitai) read this chunk, and
+`params_from_infotext` reads it back, so `sdlab generate --from-png` re-creates an image.
+
+Image i of a batch is written with its own seed (`seed + i`) and batch size 1 in the parameters that
+matter for re-creation, so each image can be re-made alone.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass, field
+
+from PIL import Image, PngImagePlugin
+
+from .errors import ParameterError
+from .params import GenerationParams
+
+PARAMETERS_KEY = "parameters"
+VERSION = "sdlab 0.1.0"
+
+# sdlab schedule names <-> A1111 "Schedule type" labels.
+SCHEDULE_LABELS = {
+    "automatic": "Automatic", "normal": "Normal", "karras": "Karras", "exponential": "Exponential",
+    "uniform": "Uniform", "sgm_uniform": "SGM Uniform", "simple": "Simple",
+}  # fmt: skip
+_SCHEDULE_BY_LABEL = {label.lower(): key for key, label in SCHEDULE_LABELS.items()}
+
+# One `key: value` pair of the last line; value is a JSON string or runs to the next comma.
+_PAIR = re.compile(r'\s*(\w[\w \-/+]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+_NEGATIVE = "Negative prompt:"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the metadata says about the model: its name (as typed for `--model`) and short hash."""
+
+    name: str
+    hash: str | None = None
+
+
+@dataclass
+class InfoText:
+    """A parsed infotext: prompt, negative prompt and the `key: value` pairs of the last line (as text)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    fields: dict[str, str] = field(default_factory=dict)
+
+    def to_params(self) -> GenerationParams:
+        return params_from_fields(self.prompt, self.negative_prompt, self.fields)
+
+
+# ---- writing ----
+
+
+def infotext(params: GenerationParams, model: ModelInfo | None = None, *, index: int = 0) -> str:
+    """The A1111 text for image `index` of a generation with resolved `params` (size and seed set)."""
+    lines = [params.prompt]
+    if params.negative_prompt:
+        lines.append(f"{_NEGATIVE} {params.negative_prompt}")
+    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in _fields(params, model, index).items()))
+    return "\n".join(lines)
+
+
+def _fields(params: GenerationParams, model: ModelInfo | None, index: int) -> dict[str, object]:
+    schedule = params.schedule.lower()
+    fields: dict[str, object] = {
+        "Steps": params.steps,
+        "Sampler": params.sampler,
+        "Schedule type": SCHEDULE_LABELS.get(schedule, params.schedule),
+        "CFG scale": _number(params.cfg_scale),
+        "Seed": (params.seed or 0) + index,
+        "Size": f"{params.width}x{params.height}",
+    }
+    if model is not None and model.hash:
+        fields["Model hash"] = model.hash
+    if model is not None:
+        fields["Model"] = model.name
+    if params.batch_size > 1:
+        fields["Batch size"], fields["Batch pos"] = params.batch_size, index
+    if params.mode != "txt2img":
+        fields["Denoising strength"] = _number(params.strength)
+    if params.clip_skip != 1:
+        fields["Clip skip"] = params.clip_skip
+    if params.eta is not None:
+        fields["Eta"] = _number(params.eta)
+    if params.guidance_rescale:
+        fields["Guidance rescale"] = _number(params.guidance_rescale)
+    fields["Version"] = VERSION
+    return fields
+
+
+def _number(x: float) -> int | float:
+    """7.0 -> 7 (as A1111 writes it), 7.5 -> 7.5."""
+    return int(x) if float(x).is_integer() else x
+
+
+def _quote(value: object) -> str:
+    text = str(value)
+    if any(c in text for c in ',:"\n'):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def png_info(text: str) -> PngImagePlugin.PngInfo:
+    """A PngInfo carrying `text` as the `parameters` chunk (iTXt, so any Unicode prompt survives)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt(PARAMETERS_KEY, text)
+    return info
+
+
+def png_bytes(image: Image.Image, text: str | None = None) -> bytes:
+    """The image encoded as PNG, with `text` as its parameters chunk."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=png_info(text) if text is not None else None)
+    return buffer.getvalue()
+
+
+# ---- reading ----
+
+
+def read_infotext(image: Image.Image | str | bytes) -> str | None:
+    """The `parameters` text of a PNG (a PIL image, a path or the file's bytes), or None if it has none."""
+    if isinstance(image, bytes):
+        image = Image.open(io.BytesIO(image))
+    elif not isinstance(image, Image.Image):
+        with Image.open(image) as opened:
+            return opened.info.get(PARAMETERS_KEY)
+    return image.info.get(PARAMETERS_KEY)
+
+
+def parse_infotext(text: str) -> InfoText:
+    """Split an infotext into prompt, negative prompt and the last line's fields."""
+    lines = text.strip("\n").split("\n")
+    fields: dict[str, str] = {}
+    if lines and len(_PAIR.findall(lines[-1])) >= 3:  # a prompt line rarely has three `key: value` pairs
+        fields = {k.strip(): _unquote(v.strip()) for k, v in _PAIR.findall(lines.pop())}
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith(_NEGATIVE):
+            in_negative, line = True, line[len(_NEGATIVE):].lstrip()
+        (negative if in_negative else prompt).append(line)
+    return InfoText("\n".join(prompt), "\n".join(negative), fields)
+
+
+def params_from_infotext(text: str) -> GenerationParams:
+    """The GenerationParams an infotext describes (batch size 1: the one image it belongs to)."""
+    return parse_infotext(text).to_params()
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def params_from_fields(prompt: str, negative: str, fields: dict[str, str]) -> GenerationParams:
+    """Map A1111 field names onto GenerationParams; unknown fields are ignored."""
+    changes: dict[str, object] = {"prompt": prompt, "negative_prompt": negative}
+    try:
+        _read_sampling(fields, changes)
+        _read_numbers(fields, changes)
+    except ValueError as e:
+        raise ParameterError(f"PNG parameters: cannot read {e}; the parameters line is: {fields}") from None
+    return GenerationParams(**changes)
+
+
+def _read_sampling(fields: dict[str, str], changes: dict[str, object]) -> None:
+    if "Sampler" in fields or "Schedule type" in fields:
+        # No "Schedule type" means A1111's default at the time: "Automatic".
+        sampler, schedule = split_sampler(fields.get("Sampler") or GenerationParams.sampler,
+                                          fields.get("Schedule type"), default_schedule="automatic")
+        changes["sampler"], changes["schedule"] = sampler, schedule
+
+
+def split_sampler(sampler: str, schedule: str | None, default_schedule: str) -> tuple[str, str]:
+    """(sampler, sdlab schedule name) from an A1111 sampler name and optional schedule label. A1111 before
+    1.9 folded the schedule into the sampler name ("DPM++ 2M Karras"); that form is understood too."""
+    if schedule is None:
+        for label in SCHEDULE_LABELS.values():
+            if sampler.endswith(" " + label):
+                sampler, schedule = sampler[: -len(label) - 1], label
+                break
+    return sampler, schedule_name(schedule) if schedule else default_schedule
+
+
+def schedule_name(label: str) -> str:
+    """An A1111 "Schedule type" label or an sdlab name -> the sdlab name ("SGM Uniform" -> "sgm_uniform")."""
+    return _SCHEDULE_BY_LABEL.get(label.strip().lower(), label.strip().lower().replace(" ", "_"))
+
+
+_NUMBERS = {  # A1111 field -> (GenerationParams field, type)
+    "Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
+    "Clip skip": ("clip_skip", int), "Denoising strength": ("strength", float), "Eta": ("eta", float),
+    "Guidance rescale": ("guidance_rescale", float),
+}  # fmt: skip
+
+
+def _read_numbers(fields: dict[str, str], changes: dict[str, object]) -> None:
+    for label, (name, kind) in _NUMBERS.items():
+        if label in fields:
+            try:
+                changes[name] = kind(fields[label])
+            except ValueError:
+                raise ValueError(f"{label}={fields[label]!r} (expected {kind.__name__})") from None
+    if "Size" in fields:
+        try:
+            changes["width"], changes["height"] = parse_size(fields["Size"])
+        except ParameterError:
+            raise ValueError(f"Size={fields['Size']!r} (expected WIDTHxHEIGHT)") from None
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'512x768' -> (512, 768)."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match:
+        raise ParameterError(f"size {text!r} is not WIDTHxHEIGHT, e.g. 512x512")
+    return int(match[1]), int(match[2])

@@ -1,0 +1,79 @@
+"""What the worker thread does for a generation job: `generate` over the job's batches, reporting progress,
+previews and (optionally) the x0 trajectory on the job as it goes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from PIL import Image
+
+from ..generation import StepInfo, decode_latents, generate
+from ..images import grid
+from ..params import GenerationParams
+from ..pngmeta import ModelInfo, infotext, png_bytes
+from ..trajectory import TrajectoryRecorder, chain
+from .jobs import Job, ShuttingDownError
+from .registry import ModelRegistry
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated request: `params` is resolved (seed and size set); `n_iter` batches of
+    `params.batch_size` images run one after the other, batch i with seed `params.seed + i * batch_size`."""
+
+    params: GenerationParams
+    model: str
+    n_iter: int = 1
+    save_steps: bool = False
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.params.seed + i for i in range(self.params.batch_size * self.n_iter)]
+
+
+@dataclass
+class GenerationOutput:
+    images: list[Image.Image]
+    infotexts: list[str]
+    seeds: list[int]
+    model: ModelInfo
+    interrupted: bool = False
+
+
+def run_generation(registry: ModelRegistry, request: GenerationRequest, job: Job) -> GenerationOutput:
+    model, info = registry.load(request.model)
+    batch = request.params.batch_size
+    out = GenerationOutput([], [], [], info)
+    for i in range(request.n_iter):
+        params = request.params.replace(seed=request.params.seed + i * batch)
+        recorder = TrajectoryRecorder(model) if request.save_steps and i == 0 else None
+        watcher = _ProgressWatcher(model, job, i, request.n_iter)
+        result = generate(model, params, callback=chain(watcher, recorder), interrupt=job.interrupt.is_set)
+        if recorder is not None:
+            job.frames = [png_bytes(grid(frame, columns=len(frame))) for frame in recorder.frames]
+            job.frame_steps = list(recorder.steps)
+        out.images += result.images
+        out.infotexts += [infotext(result.params, info, index=k) for k in range(batch)]
+        out.seeds += result.params.seeds
+        if result.interrupted:
+            out.interrupted = True
+            break
+    if out.interrupted and job.stop_reason == "shutdown":
+        raise ShuttingDownError("the server shut down while this job ran")
+    return out
+
+
+class _ProgressWatcher:
+    """Step callback: overall progress on the job, and a decoded preview when a client asked for one."""
+
+    def __init__(self, model, job: Job, iteration: int, n_iter: int):
+        self.model, self.job, self.iteration, self.n_iter = model, job, iteration, n_iter
+
+    def __call__(self, info: StepInfo) -> None:
+        job = self.job
+        job.total = info.total * self.n_iter
+        job.step = self.iteration * info.total + info.step
+        if job.want_preview:
+            job.want_preview = False
+            images = decode_latents(self.model, info.denoised)
+            job.preview, job.preview_step = png_bytes(grid(images, columns=len(images))), job.step

@@ -1,0 +1,41 @@
+"""Running the app under uvicorn, with a clean stop on SIGTERM / Ctrl-C.
+
+On the signal, the job queue stops taking jobs and cancels the waiting ones (their requests get 503) at
+once, while the running job gets `shutdown_grace_s` to finish before its sampler is interrupted; uvicorn
+meanwhile stops accepting connections and waits for the open requests, then the process exits with 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import uvicorn
+
+from .app import create_app
+from .settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling the job queue to wind down as soon as a stop signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, on_exit):
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig, frame) -> None:
+        # Runs inside a signal handler: hand the work to a thread.
+        threading.Thread(target=self._on_exit, name="sdlab-shutdown", daemon=True).start()
+        super().handle_exit(sig, frame)
+
+
+def serve(settings: ServerSettings) -> None:
+    if not settings.is_loopback and not (settings.api_key or settings.basic_auth):
+        log.warning("listening on %s without authentication: anyone who can reach this port can use it; "
+                    "set an API key (--api-key / SDLAB_API_KEY)", settings.host)
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5)
+    _Server(config, app.state.sdlab.begin_shutdown).run()

@@ -1,0 +1,90 @@
+"""Request and response bodies: A1111's `/sdapi/v1` shapes and OpenAI's `/v1/images/generations`.
+
+Field names are A1111's (modules/api/models.py) so existing clients work unchanged; defaults come from
+`GenerationParams`, the one description of a generation. Unknown fields are ignored, as A1111 clients
+send many (hires fix, scripts, ...) that have no meaning here. Range checks are `GenerationParams.validate`'s,
+run before any model work (422 with its message).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..params import GenerationParams
+
+DEFAULTS = GenerationParams()
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+class Txt2ImgRequest(_Lenient):
+    prompt: str = DEFAULTS.prompt
+    negative_prompt: str = DEFAULTS.negative_prompt
+    seed: int = Field(-1, description="-1 = random; image i of the request uses seed + i")
+    steps: int = DEFAULTS.steps
+    cfg_scale: float = DEFAULTS.cfg_scale
+    width: int | None = Field(None, description="default: the model's native size (img2img: the image's)")
+    height: int | None = None
+    sampler_name: str | None = Field(None, description=f"default {DEFAULTS.sampler!r}; see /sdapi/v1/samplers")
+    sampler_index: str | None = Field(None, description="old name of sampler_name")
+    scheduler: str | None = Field(None, description=f"default {DEFAULTS.schedule!r}; see /sdapi/v1/schedulers")
+    batch_size: int = DEFAULTS.batch_size
+    n_iter: int = 1
+    eta: float | None = DEFAULTS.eta
+    override_settings: dict[str, Any] = Field(default_factory=dict)
+    force_task_id: str | None = Field(None, description="the job id to use (for /sdlab/v1/jobs/{id})")
+    send_images: bool = True
+    save_steps: bool = Field(False, description="sdlab: keep the x0 preview of every step for /sdlab/v1/jobs/{id}/steps")
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    init_images: list[str] = Field(default_factory=list, description="base64 images; the first is used")
+    mask: str | None = Field(None, description="base64 image; white = repaint")
+    inpainting_mask_invert: int = 0
+    denoising_strength: float = DEFAULTS.strength
+    include_init_images: bool = False
+
+
+class ImageResponse(BaseModel):
+    images: list[str] | None = Field(None, description="base64 PNGs, each carrying its parameters chunk")
+    parameters: dict
+    info: str = Field(description="a JSON string: seeds, infotexts, model, ...")
+
+
+class ProgressResponse(BaseModel):
+    progress: float
+    eta_relative: float
+    state: dict
+    current_image: str | None = None
+    textinfo: str | None = None
+
+
+class PNGInfoRequest(_Lenient):
+    image: str
+
+
+class PNGInfoResponse(BaseModel):
+    info: str
+    items: dict
+    parameters: dict
+
+
+class OptionsUpdate(_Lenient):
+    model_config = ConfigDict(extra="allow")
+
+
+class OpenAIImageRequest(_Lenient):
+    prompt: str
+    n: int = 1
+    size: str | None = Field(None, description='"WIDTHxHEIGHT"; default: the model\'s native size')
+    response_format: str = "b64_json"
+    model: str | None = None
+    # sdlab extensions (OpenAI has no such fields)
+    negative_prompt: str = DEFAULTS.negative_prompt
+    seed: int | None = None
+    steps: int = DEFAULTS.steps
+    cfg_scale: float = DEFAULTS.cfg_scale

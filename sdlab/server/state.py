@@ -1,0 +1,86 @@
+"""The server's state shared by all routes: settings, models, the job queue, and the checks that turn a
+request into a validated `GenerationRequest` before any model work."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+from ..errors import ParameterError
+from ..params import GenerationParams
+from .engine import GenerationOutput, GenerationRequest, run_generation
+from .jobs import JOB_ID, Job, JobQueue
+from .registry import ModelRegistry
+from .settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+class ServerState:
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.registry = ModelRegistry(settings)
+        self.queue = JobQueue(settings.queue_size, settings.kept_jobs)
+        self.model_name = self.registry.default_name
+        self._shutdown_started = threading.Event()
+
+    # ---- requests -> jobs ----
+
+    def prepare(self, params: GenerationParams, *, n_iter: int = 1, model: str | None = None,
+                save_steps: bool = False) -> GenerationRequest:
+        """Check everything that can be checked without running a network; raise ParameterError if not."""
+        limit = self.settings.max_prompt_chars
+        for name in ("prompt", "negative_prompt"):
+            if len(getattr(params, name)) > limit:
+                raise ParameterError(f"{name} is {len(getattr(params, name))} characters; the limit is {limit}")
+        if not isinstance(n_iter, int) or n_iter < 1:
+            raise ParameterError(f"n_iter must be an integer >= 1, got {n_iter!r}")
+        if params.batch_size * n_iter > self.settings.max_images:
+            raise ParameterError(
+                f"batch_size x n_iter = {params.batch_size * n_iter} images; this server makes at most "
+                f"{self.settings.max_images} per request")
+        model = self.registry.resolve(model or self.model_name).name
+        params = params.resolved(self.registry.config(model))
+        return GenerationRequest(params, model, n_iter, save_steps)
+
+    def submit(self, request: GenerationRequest, job_id: str | None = None) -> Job:
+        job = Job(work=lambda job: run_generation(self.registry, request, job))
+        if job_id is not None:
+            if not JOB_ID.fullmatch(job_id):
+                raise ParameterError(f"force_task_id {job_id!r}: use 1-100 letters, digits or _-.:()")
+            job.id = job_id
+        return self.queue.submit(job)
+
+    async def run(self, request: GenerationRequest, job_id: str | None = None) -> GenerationOutput:
+        """Queue the request and wait (without holding a thread) for its output."""
+        job = self.submit(request, job_id)
+        return await asyncio.wrap_future(job.future)
+
+    async def switch_model(self, name: str) -> str:
+        """Load model `name` on the worker (in turn with the generation jobs) and make it the default."""
+        entry = self.registry.resolve(name)
+        job = self.queue.submit(Job(work=lambda job: self.registry.load(entry.name), kind="load-model"))
+        await asyncio.wrap_future(job.future)
+        self.model_name = entry.name
+        return entry.name
+
+    # ---- life cycle ----
+
+    async def start(self) -> None:
+        """Load the startup model on the worker thread, so that the first request does not wait for it and a
+        missing model stops the server at once."""
+        name = self.model_name
+        job = self.queue.submit(Job(work=lambda job: self.registry.load(name), kind="load-model"))
+        await asyncio.wrap_future(job.future)
+
+    def begin_shutdown(self) -> None:
+        """SIGTERM: refuse new jobs, cancel waiting ones, let the running one finish within the grace time."""
+        if not self._shutdown_started.is_set():
+            self._shutdown_started.set()
+            log.info("shutting down: the running job gets %.0f s to finish", self.settings.shutdown_grace_s)
+            self.queue.close(self.settings.shutdown_grace_s, wait=False)
+
+    def stop(self) -> None:
+        self.begin_shutdown()
+        self.queue.close(self.settings.shutdown_grace_s, wait=True)

@@ -1,0 +1,192 @@
+"""LoRA: kohya/A1111 files (diffusers- and LDM-named, Linear, 1x1 and 3x3 conv, text encoder) merge as
+W + weight * alpha / rank * up @ down and unmerge exactly; trained adapters save in that format and give,
+merged, what they gave as hooks."""
+
+import logging
+import types
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sdlab.config import SD15, TINY
+from sdlab.errors import CheckpointError
+from sdlab.lora import adaptable_modules, apply_lora, default_targets, find_lora, inject_lora, read_lora
+from sdlab.model import Model
+from sdlab.nn.clip import TextEncoder
+from sdlab.nn.unet import UNet
+
+RANK = 4
+# kohya name -> the module it must land on (TINY: 2 levels, 2 layers per block, attention at level 0)
+HAND_MADE = {
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+    "lora_unet_down_blocks_0_attentions_1_transformer_blocks_0_attn2_to_k": "unet.down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k",
+    "lora_unet_down_blocks_0_attentions_0_proj_in": "unet.down_blocks.0.attentions.0.proj_in",  # 1x1 conv
+    "lora_unet_input_blocks_1_1_proj_out": "unet.down_blocks.0.attentions.0.proj_out",  # LDM name, 1x1 conv
+    "lora_unet_input_blocks_2_1_transformer_blocks_0_ff_net_2": "unet.down_blocks.0.attentions.1.transformer_blocks.0.ff.net.2",
+    "lora_unet_output_blocks_5_1_transformer_blocks_0_attn1_to_out_0": "unet.up_blocks.1.attentions.2.transformer_blocks.0.attn1.to_out.0",
+    "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_v": "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_v",
+    "lora_unet_down_blocks_0_resnets_0_conv1": "unet.down_blocks.0.resnets.0.conv1",  # 3x3 conv (LoCon)
+    "lora_te_text_model_encoder_layers_0_self_attn_q_proj": "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
+    "lora_te_text_model_encoder_layers_2_mlp_fc1": "text_encoder.text_model.encoder.layers.2.mlp.fc1",
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Model.build(TINY)
+
+
+def module_of(model, path):
+    network, _, rest = path.partition(".")
+    return getattr(model, network).get_submodule(rest)
+
+
+def hand_made_lora(model, dtype=torch.float16):
+    """A LoRA file as kohya's scripts write it: fp16 weights, alpha as a 0-d tensor, conv shapes for convs."""
+    gen = torch.Generator().manual_seed(1)
+    tensors = {}
+    for name, path in HAND_MADE.items():
+        layer = module_of(model, path)
+        if isinstance(layer, torch.nn.Conv2d):
+            down = torch.randn(RANK, layer.in_channels, *layer.kernel_size, generator=gen)
+            up = torch.randn(layer.out_channels, RANK, 1, 1, generator=gen)
+        else:
+            down = torch.randn(RANK, layer.in_features, generator=gen)
+            up = torch.randn(layer.out_features, RANK, generator=gen)
+        tensors[f"{name}.lora_down.weight"] = (0.1 * down).to(dtype)
+        tensors[f"{name}.lora_up.weight"] = (0.1 * up).to(dtype)
+        tensors[f"{name}.alpha"] = torch.tensor(2.0, dtype=dtype)
+    # a second text encoder's module (SDXL) that this model does not have
+    tensors["lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"] = torch.zeros(RANK, 8)
+    tensors["lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"] = torch.zeros(8, RANK)
+    return tensors
+
+
+def snapshot(model):
+    return {f"{n}.{k}": v.clone() for n in ("unet", "text_encoder", "vae") for k, v in getattr(model, n).state_dict().items()}
+
+
+def outputs(model):
+    gen = torch.Generator().manual_seed(3)
+    x, ids = torch.randn(1, 4, 8, 8, generator=gen), torch.randint(0, 1000, (1, 77), generator=gen)
+    with torch.no_grad():
+        context = model.text_encoder(ids)
+        return context, model.unet(x, torch.tensor([500]), context)
+
+
+def test_hand_made_kohya_file_merges_exactly_and_unmerges_bit_for_bit(model, tmp_path, caplog):
+    tensors = hand_made_lora(model)
+    path = tmp_path / "style.safetensors"
+    save_file(tensors, str(path))
+    before = snapshot(model)
+    context_before, out_before = outputs(model)
+    weight = 0.8
+    with caplog.at_level(logging.WARNING):
+        handle = apply_lora(model, path, weight)
+    assert sorted(handle.applied) == sorted(HAND_MADE)
+    assert handle.skipped == ["lora_te2_text_model_encoder_layers_0_self_attn_q_proj"]
+    assert "match no layer" in caplog.text
+    after = snapshot(model)
+    changed = {f"{p}.weight" for p in HAND_MADE.values()}
+    for name, value in after.items():
+        if name not in changed:
+            assert torch.equal(value, before[name]), name
+    for kohya, path_ in HAND_MADE.items():
+        down = tensors[f"{kohya}.lora_down.weight"].float()
+        up = tensors[f"{kohya}.lora_up.weight"].float()
+        w = before[f"{path_}.weight"]
+        if down.ndim == 4 and down.shape[-1] == 3:  # 3x3 conv: (out, r) @ (r, in*9)
+            delta = (up.flatten(1) @ down.flatten(1)).reshape(w.shape)
+        else:
+            delta = (up.flatten(1) @ down.flatten(1)).reshape(w.shape)
+        expected = w + weight * (2.0 / RANK) * delta
+        torch.testing.assert_close(after[f"{path_}.weight"], expected, rtol=0, atol=1e-6)
+    context_after, out_after = outputs(model)
+    assert (context_after - context_before).abs().max() > 1e-4
+    assert (out_after - out_before).abs().max() > 1e-4
+    handle.unmerge()
+    for name, value in snapshot(model).items():
+        assert torch.equal(value, before[name]), name
+    context_back, out_back = outputs(model)
+    assert torch.equal(out_back, out_before) and torch.equal(context_back, context_before)
+
+
+def test_merged_output_equals_a_network_with_hand_updated_weights(model):
+    tensors = hand_made_lora(model, dtype=torch.float32)
+    reference = Model.build(TINY)
+    for net in ("unet", "text_encoder", "vae"):
+        getattr(reference, net).load_state_dict(getattr(model, net).state_dict())
+    with torch.no_grad():
+        for kohya, path in HAND_MADE.items():
+            layer = module_of(reference, path)
+            down, up = tensors[f"{kohya}.lora_down.weight"], tensors[f"{kohya}.lora_up.weight"]
+            layer.weight += 0.5 * (2.0 / RANK) * (up.flatten(1) @ down.flatten(1)).reshape(layer.weight.shape)
+    with apply_lora(model, tensors, 0.5):
+        merged = outputs(model)
+    expected = outputs(reference)
+    torch.testing.assert_close(merged[0], expected[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(merged[1], expected[1], rtol=0, atol=1e-5)
+
+
+def test_ldm_names_cover_sd15_transformers():
+    with torch.device("meta"):
+        fake = types.SimpleNamespace(config=SD15, unet=UNet(SD15.unet), text_encoder=TextEncoder(SD15.text_encoder))
+    layers = adaptable_modules(fake)
+    pairs = {
+        "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q": "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+        "lora_unet_input_blocks_8_1_proj_in": "down_blocks.2.attentions.1.proj_in",
+        "lora_unet_middle_block_1_transformer_blocks_0_ff_net_0_proj": "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj",
+        "lora_unet_output_blocks_11_1_proj_out": "up_blocks.3.attentions.2.proj_out",
+        "lora_unet_output_blocks_3_1_transformer_blocks_0_attn2_to_k": "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
+    }
+    for kohya, path in pairs.items():
+        assert layers[kohya] is fake.unet.get_submodule(path), kohya
+    # every default training target of SD 1.5 also has its LDM-named alias
+    targets = default_targets(fake, text_encoder=True)
+    # kohya's SD 1.5 LoRA: 16 transformers x (proj_in/out + 8 attention + 2 ff) = 192, 12 text layers x 6 = 72
+    assert len(targets) == 16 * 12 + 12 * 6 == 264
+    ldm_words = ("lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block_")
+    aliases = {id(m) for k, m in layers.items() if k.startswith(ldm_words)}
+    assert all(id(m) in aliases for k, m in targets.items() if k.startswith("lora_unet_"))
+
+
+def test_trained_adapters_save_in_kohya_format_and_merge_to_the_same_output(model, tmp_path):
+    before_context, before_out = outputs(model)
+    network = inject_lora(model, rank=2, alpha=1.0, text_encoder=True)
+    try:
+        hooked_start = outputs(model)
+        assert torch.equal(hooked_start[1], before_out)  # up starts at zero: no change
+        with torch.no_grad():
+            for adapter in network.adapters.values():
+                adapter.lora_up.weight.normal_(0, 0.05)
+        hooked = outputs(model)
+        path = network.save(tmp_path / "trained.safetensors")
+    finally:
+        network.detach()
+    state = read_lora(path)
+    some = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    assert some in state and state[some].alpha == 1.0 and state[some].rank == 2
+    assert "lora_unet_down_blocks_0_attentions_0_proj_in" in state
+    assert "lora_te_text_model_encoder_layers_1_mlp_fc2" in state
+    assert torch.equal(outputs(model)[1], before_out)  # detached: hooks gone
+    with apply_lora(model, path, 1.0):
+        merged = outputs(model)
+    torch.testing.assert_close(merged[0], hooked[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(merged[1], hooked[1], rtol=0, atol=1e-5)
+
+
+def test_errors_name_the_problem(model, tmp_path):
+    with pytest.raises(CheckpointError, match="no kohya-format LoRA"):
+        apply_lora(model, {"something.weight": torch.zeros(2)})
+    with pytest.raises(CheckpointError, match="none of its"):
+        apply_lora(model, {"lora_unet_nothing_here.lora_down.weight": torch.zeros(2, 4),
+                           "lora_unet_nothing_here.lora_up.weight": torch.zeros(4, 2)})
+    bad = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    with pytest.raises(CheckpointError, match=bad):
+        apply_lora(model, {f"{bad}.lora_down.weight": torch.zeros(2, 5), f"{bad}.lora_up.weight": torch.zeros(32, 2)})
+    (tmp_path / "mine.safetensors").write_bytes(b"")
+    assert find_lora("mine", [tmp_path]) == tmp_path / "mine.safetensors"
+    with pytest.raises(Exception, match="not found"):
+        find_lora("other", [tmp_path])
