@@ -74,8 +74,8 @@ def main() -> None:
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(f"small text-to-image model ({rows[0]['unet_params_m']:.1f} M UNet parameters), 64x64 images, "
           f"16x16 latents, batch {args.batch_size}, {args.threads} threads")
-    print(f"| precision | s/step | samples/s | peak RSS | speed-up |")
-    print(f"|---|---|---|---|---|")
+    print("| precision | s/step | samples/s | peak RSS | speed-up |")
+    print("|---|---|---|---|---|")
     for row in rows:
         name = "fp32" if row["precision"] == "no" else "bf16 autocast"
         speedup = row["samples_per_s"] / rows[0]["samples_per_s"]

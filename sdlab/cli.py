@@ -130,8 +130,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train(sub, common) -> None:
-    p = sub.add_parser("train", help="train a model (see `sdlab train --help`)", add_help=False, parents=[common])
-    p.add_argument("train_args", nargs=argparse.REMAINDER)
+    # The trainer's own parser reads the rest of the command line (see `main`), so that importing the training
+    # stack is only paid for by `sdlab train`.
+    p = sub.add_parser("train", help="train a model (see `sdlab train --help`)", add_help=False)
     p.set_defaults(run=cmd_train)
 
 
@@ -417,7 +418,12 @@ def cmd_samplers(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "train":
+        args.train_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -83,14 +83,18 @@ def default_targets(model, *, text_encoder: bool = False) -> dict[str, nn.Module
     """kohya name -> module for the layers LoRA training adapts by default (diffusers names only)."""
     targets = {}
     for path, module in model.unet.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)) and f".{UNET_TARGET_PARENT}." in f".{path}":
-            if isinstance(module, nn.Linear) or module.kernel_size == (1, 1):
-                targets[kohya_name(UNET_PREFIX, path)] = module
+        if f".{UNET_TARGET_PARENT}." in f".{path}" and _is_pointwise(module):
+            targets[kohya_name(UNET_PREFIX, path)] = module
     if text_encoder:
         for path, module in model.text_encoder.named_modules():
             if isinstance(module, nn.Linear) and any(f".{p}." in f".{path}" for p in TEXT_TARGET_PARENTS):
                 targets[kohya_name(TEXT_PREFIX, path)] = module
     return targets
+
+
+def _is_pointwise(module: nn.Module) -> bool:
+    """A Linear or a 1x1 conv: the layers of a transformer block (3x3 convs are LoCon's business)."""
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1))
 
 
 # --- training: adapters as forward hooks ----------------------------------------------------------------

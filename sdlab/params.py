@@ -63,8 +63,8 @@ class GenerationParams:
         """Fill in what defaults to the model or to chance (size, seed), then validate."""
         size = config.default_size
         params = self.replace(
-            width=self.width or (self.init_image.width if self.init_image else size),
-            height=self.height or (self.init_image.height if self.init_image else size),
+            width=self.width if self.width is not None else _side(self.init_image, 0, size),
+            height=self.height if self.height is not None else _side(self.init_image, 1, size),
             seed=self.seed if self.seed is not None else random.randrange(2**32),
         )
         params.validate(config)
@@ -76,17 +76,12 @@ class GenerationParams:
 
     def validate(self, config: ModelConfig) -> None:
         """Raise ParameterError naming the first bad field and what would be valid."""
-        multiple = config.vae.downscale * 2 ** (len(config.unet.channels) - 1)
         for name in ("width", "height"):
             value = getattr(self, name)
             if value is not None:
                 _check_int(name, value, 8, MAX_SIDE)
                 if value % 8:
                     raise ParameterError(f"{name}={value} is not a multiple of 8; try {value // 8 * 8 or 8}")
-                if value % multiple:
-                    raise ParameterError(
-                        f"{name}={value} must be a multiple of {multiple} for this model "
-                        f"(VAE downscale x UNet levels); try {max(multiple, value // multiple * multiple)}")
         _check_int("steps", self.steps, 1, MAX_STEPS)
         _check_int("batch_size", self.batch_size, 1, MAX_BATCH)
         _check_int("clip_skip", self.clip_skip, 1, config.text_encoder.num_layers)
@@ -111,6 +106,11 @@ class GenerationParams:
             raise ParameterError(
                 f"the mask is {self.mask.width}x{self.mask.height} but the image is "
                 f"{self.init_image.width}x{self.init_image.height}; they must be the same size")
+
+
+def _side(image: Image.Image | None, axis: int, default: int) -> int:
+    """An init image's side rounded down to a multiple of 8 (as diffusers does), else the default."""
+    return default if image is None else max(8, image.size[axis] // 8 * 8)
 
 
 def _check_int(name: str, value, low: int, high: int) -> None:

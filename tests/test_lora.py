@@ -11,7 +11,14 @@ from safetensors.torch import save_file
 
 from sdlab.config import SD15, TINY
 from sdlab.errors import CheckpointError
-from sdlab.lora import adaptable_modules, apply_lora, default_targets, find_lora, inject_lora, read_lora
+from sdlab.lora import (
+    adaptable_modules,
+    apply_lora,
+    default_targets,
+    find_lora,
+    inject_lora,
+    read_lora,
+)
 from sdlab.model import Model
 from sdlab.nn.clip import TextEncoder
 from sdlab.nn.unet import UNet
@@ -30,6 +37,15 @@ HAND_MADE = {
     "lora_te_text_model_encoder_layers_0_self_attn_q_proj": "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
     "lora_te_text_model_encoder_layers_2_mlp_fc1": "text_encoder.text_model.encoder.layers.2.mlp.fc1",
 }
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The CI machine's 2 cores are shared: one thread avoids thrashing and keeps these tests fast.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +169,7 @@ def test_ldm_names_cover_sd15_transformers():
 
 
 def test_trained_adapters_save_in_kohya_format_and_merge_to_the_same_output(model, tmp_path):
-    before_context, before_out = outputs(model)
+    _, before_out = outputs(model)
     network = inject_lora(model, rank=2, alpha=1.0, text_encoder=True)
     try:
         hooked_start = outputs(model)

@@ -39,7 +39,7 @@ def test_each_player_gets_only_its_own_gradient():
     objective = VAEObjective(VAE(TINY.vae), recon_loss="l2", kl_weight=1e-3, disc_weight=0.5,
                              disc_layers=1)
     pixels, noise = torch.rand(2, 3, 16, 16) * 2 - 1, torch.randn(2, 4, 8, 8)
-    loss_off, metrics_off = objective(pixels, noise, adversarial=False)
+    _, metrics_off = objective(pixels, noise, adversarial=False)
     assert set(metrics_off) == {"rec", "kl"}
     loss, metrics = objective(pixels, noise, adversarial=True)
     assert set(metrics) == {"rec", "kl", "gen", "disc"}

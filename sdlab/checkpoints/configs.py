@@ -273,13 +273,24 @@ def schedule_from_diffusers(
         raise CheckpointError(
             f"{where}: prediction_type {prediction!r} is not supported; use 'epsilon' or 'v_prediction'"
         )
+    spacing = d.get("timestep_spacing", _default_spacing(d.get("_class_name", "")))
+    if spacing not in ("leading", "linspace", "trailing"):
+        raise CheckpointError(f"{where}: timestep_spacing {spacing!r} is not supported; use leading, linspace or trailing")
     config = ScheduleConfig(
         num_train_timesteps=d.get("num_train_timesteps", 1000),
         beta_start=d.get("beta_start", 0.0001),
         beta_end=d.get("beta_end", 0.02),
         beta_schedule=schedule,
+        timestep_spacing=spacing,
+        steps_offset=int(d.get("steps_offset", 0)),  # diffusers' default when the file does not say
     )
     return config, prediction
+
+
+def _default_spacing(scheduler_class: str) -> str:
+    """What a diffusers scheduler class uses when its config names no timestep_spacing."""
+    leading = ("PNDMScheduler", "DDIMScheduler", "DDPMScheduler", "LCMScheduler", "")
+    return "leading" if scheduler_class in leading else "linspace"
 
 
 def schedule_to_diffusers(cfg: ScheduleConfig, prediction: str) -> dict[str, Any]:
@@ -294,7 +305,8 @@ def schedule_to_diffusers(cfg: ScheduleConfig, prediction: str) -> dict[str, Any
         "prediction_type": prediction,
         "trained_betas": None,
         "set_alpha_to_one": False,
-        "steps_offset": 1,
+        "timestep_spacing": cfg.timestep_spacing,
+        "steps_offset": cfg.steps_offset,
         "skip_prk_steps": True,
         "clip_sample": False,
     }

@@ -4,8 +4,19 @@
     Trainer(TrainConfig(model="tiny", data="shapes", steps=500, output_dir="runs/tiny")).run()
 """
 
-from .config import TrainConfig, model_config_from_dict, model_config_to_json, resolve_model_config
+from .config import (
+           TrainConfig,
+           model_config_from_dict,
+           model_config_to_json,
+           resolve_model_config,
+)
 from .loop import Trainer, TrainResult
 
-__all__ = ["TrainConfig", "Trainer", "TrainResult", "model_config_from_dict", "model_config_to_json",
-           "resolve_model_config"]
+__all__ = [
+           "TrainConfig",
+           "TrainResult",
+           "Trainer",
+           "model_config_from_dict",
+           "model_config_to_json",
+           "resolve_model_config",
+]

@@ -18,7 +18,14 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import PRESETS, ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from ..config import (
+    PRESETS,
+    ModelConfig,
+    ScheduleConfig,
+    TextEncoderConfig,
+    UNetConfig,
+    VAEConfig,
+)
 from ..errors import ParameterError
 
 Task = Literal["diffusion", "vae"]

@@ -28,10 +28,18 @@ from ..errors import ParameterError
 from ..model import Model
 from . import distributed
 from .config import TrainConfig, model_config_to_dict, resolve_model_config
-from .data import BatchOrder, DataStream, ImageFolderDataset, ShapesSource, collate, make_buckets
+from .data import (
+    BatchOrder,
+    DataStream,
+    ImageFolderDataset,
+    ShapesSource,
+    collate,
+    make_buckets,
+)
 from .ema import EMA
 from .latents import LatentCache, fingerprint
 from .progress import LossLog, ProgressBar, image_grid, plot_loss_curve
+from .sampling import sample_images
 from .state import CheckpointManager, capture_rng, restore_rng, weights_fingerprint
 from .tasks import DiffusionTask, VAETask
 
@@ -136,8 +144,6 @@ class Trainer:
     def _check_resolution(self) -> None:
         config = self.config
         multiple = _size_multiple(self.model) if config.task == "diffusion" else self.model.config.vae.downscale
-        if config.sample_every and config.task == "diffusion":
-            multiple = math.lcm(multiple, 8)  # generation takes sizes in multiples of 8
         if config.resolution % multiple:
             raise ParameterError(
                 f"TrainConfig.resolution={config.resolution} must be a multiple of {multiple} for this model "
@@ -165,10 +171,9 @@ class Trainer:
         vae = self.model.vae
         key = fingerprint(vae, self.source, self.config.resolution)
         path = self.out / "latent_cache.safetensors"
-        if self.dist.is_main:
-            if LatentCache.load(path, key) is None:
-                self.out.mkdir(parents=True, exist_ok=True)
-                LatentCache.build(self.source, vae, device=self.dist.device).save(path, key)
+        if self.dist.is_main and LatentCache.load(path, key) is None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            LatentCache.build(self.source, vae, device=self.dist.device).save(path, key)
         distributed.barrier(self.dist)
         return LatentCache.load(path, key)
 
@@ -207,6 +212,7 @@ class Trainer:
             total += float(loss.detach()) / config.grad_accum
             for k, v in parts.items():
                 metrics[k] = metrics.get(k, 0.0) + float(v) / config.grad_accum
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this step used
         if config.max_grad_norm > 0:
             metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), config.max_grad_norm))
         self.optimizer.step()
@@ -248,7 +254,7 @@ class Trainer:
         values = torch.tensor([loss, *metrics.values()], dtype=torch.float64)
         values = distributed.mean_across(self.dist, values).tolist()
         record = {"step": self.step, "epoch": self.stream.epoch, "loss": values[0],
-                  **dict(zip(metrics, values[1:])), "lr": self.scheduler.get_last_lr()[0], "samples_per_s": speed}
+                  **dict(zip(metrics, values[1:])), "samples_per_s": speed}
         self.last_metrics = record
         if self.dist.is_main:
             self.loss_log.append(record)
@@ -317,14 +323,9 @@ class Trainer:
         """A grid of the sample prompts (EMA weights if any) as `samples/step-N.png`."""
         if self.config.task == "vae" or not self.config.sample_prompts:
             return None
-        from ..generation import generate
-        from ..params import GenerationParams
-
         with self._ema_weights(), _eval_mode(self.model):
-            images = [generate(self.model, GenerationParams(
-                prompt=prompt, width=self.config.resolution, height=self.config.resolution, seed=i,
-                steps=self.config.sample_steps, sampler="Euler", schedule="automatic",
-                cfg_scale=self.config.sample_guidance)).images[0] for i, prompt in enumerate(self.config.sample_prompts)]
+            images = sample_images(self.model, list(self.config.sample_prompts), size=self.config.resolution,
+                                   steps=self.config.sample_steps, guidance=self.config.sample_guidance)
         path = self.out / "samples" / f"step-{self.step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         image_grid(images, columns=min(4, len(images))).save(path)

@@ -1,0 +1,311 @@
+"""sdlab against diffusers, side by side on the same weights: time per UNet step, end-to-end time, peak memory,
+achieved TFLOP/s and the largest pixel difference between the two images.
+
+    python benchmarks/inference.py                    # CPU: fp32 and bf16, 256x256, 20 steps, 3 repeats
+    python benchmarks/inference.py --quick            # sanity run: 128x128, 4 steps, 1 repeat
+    python benchmarks/inference.py --device cuda      # GPU: fp16, 512x512, 50 steps (skips without CUDA)
+    python benchmarks/inference.py --variants sdlab,sdlab-plain,diffusers --precisions bf16
+
+Both pipelines load one random-weight SD 1.5-config model (a diffusers folder, built once with seed 0 and
+cached; `--model` takes any other folder) and sample the same prompt with DPM++ 2M (diffusers'
+DPMSolverMultistepScheduler with timestep_spacing="leading", as sdlab's registry pairs them), the same CFG
+scale and seed. Every run is its own subprocess, so peak RSS (`ru_maxrss`) is measured per pipeline, and
+runs are interleaved (sdlab, diffusers, sdlab, ...) so that load from other processes on a shared machine
+hits both alike; the table shows medians over the repeats.
+
+Variants:
+  diffusers     StableDiffusionPipeline.from_pretrained(torch_dtype=...), the reference
+  sdlab         sdlab.load(...) then sdlab.perf.optimize(model, dtype=...): the fast path
+  sdlab-plain   sdlab.load(..., dtype=...) with nothing else: what the default path gives
+  sdlab-compile the fast path plus torch.compile of the UNet (compile time shows in "first call")
+
+Columns: "UNet step" is the median wall time of one UNet call (batch 2: conditional and unconditional);
+"end to end" the warm call (prompt encoding, sampling, VAE decode, to PIL), "first call" the first call
+after loading; "TFLOP/s" = FLOP of one UNet call (counted once with torch.utils.flop_counter on the meta
+device) / UNet step; "% peak" divides by this machine's measured peak for the precision (--peak-*).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPT = "a watercolor painting of a lighthouse on a cliff at dusk"
+NEGATIVE = "blurry, low quality"
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# Measured on the 2-core CPU machines (see docs/performance.md): fp32 3x3-conv ceiling, bf16 GEMM/conv ceiling.
+DEFAULT_PEAKS = {"fp32": 0.42, "bf16": 0.9}
+
+
+# ---------------------------------------------------------------------------------------------- child side
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+class StepTimer:
+    """Times every call of a network (forward pre/post hooks), synchronising the GPU when there is one."""
+
+    def __init__(self, module, device: str):
+        import torch
+
+        self.times: list[float] = []
+        self._sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        module.register_forward_pre_hook(self._start)
+        module.register_forward_hook(self._stop)
+
+    def _start(self, *_):
+        self._sync()
+        self._t0 = time.perf_counter()
+
+    def _stop(self, *_):
+        self._sync()
+        self.times.append(time.perf_counter() - self._t0)
+
+
+def _load_diffusers(spec: dict):
+    import diffusers
+    import torch
+
+    dtype = getattr(torch, DTYPES[spec["precision"]])
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+        spec["model"], torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config,
+                                                                       timestep_spacing="leading")
+    pipe.set_progress_bar_config(disable=True)
+    pipe = pipe.to(spec["device"])
+    timer = StepTimer(pipe.unet, spec["device"])
+
+    def run(seed):
+        import numpy as np
+
+        generator = torch.Generator().manual_seed(seed)
+        out = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=spec["steps"], guidance_scale=spec["cfg"],
+                   height=spec["size"], width=spec["size"], generator=generator, output_type="np").images
+        return (out[0] * 255).round().clip(0, 255).astype(np.uint8)
+
+    return run, timer
+
+
+def _load_sdlab(spec: dict):
+    import numpy as np
+    import torch
+
+    import sdlab
+    from sdlab import perf
+
+    dtype = getattr(torch, DTYPES[spec["precision"]])
+    variant = spec["variant"]
+    if variant == "sdlab-plain":
+        model = sdlab.load(spec["model"], dtype=dtype, device=spec["device"])
+    else:
+        model = sdlab.load(spec["model"], device=spec["device"])
+        model = perf.optimize(model, dtype=dtype, compile=variant == "sdlab-compile")
+    timer = StepTimer(model.unet, spec["device"])
+    params = sdlab.GenerationParams(prompt=PROMPT, negative_prompt=NEGATIVE, width=spec["size"], height=spec["size"],
+                                    steps=spec["steps"], sampler="DPM++ 2M", schedule="automatic",
+                                    cfg_scale=spec["cfg"])
+
+    def run(seed):
+        generator = torch.Generator().manual_seed(seed)
+        image = sdlab.generate(model, params.replace(seed=seed), generator=generator).images[0]
+        return np.asarray(image, dtype=np.uint8)
+
+    return run, timer
+
+
+def child(spec: dict) -> dict:
+    """Load one pipeline, generate `gens` times, and report timings and peak memory (one JSON line)."""
+    import numpy as np
+    import torch
+
+    _set_threads(spec["threads"])
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    run, timer = (_load_diffusers if spec["variant"] == "diffusers" else _load_sdlab)(spec)
+    load_s = time.perf_counter() - start
+    calls, image = [], None
+    for _ in range(spec["gens"]):
+        start = time.perf_counter()
+        image = run(spec["seed"])
+        calls.append(time.perf_counter() - start)
+    np.save(spec["image"], image)
+    steps = timer.times[1:] if len(timer.times) > 1 else timer.times  # the first call builds kernels
+    result = {"load_s": load_s, "first_s": calls[0], "e2e_s": calls[-1], "step_s": statistics.median(steps),
+              "unet_calls": len(timer.times), "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if spec["device"] == "cuda":
+        result["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
+
+
+# --------------------------------------------------------------------------------------------- parent side
+
+
+def unet_flop(size: int, batch: int = 2) -> float:
+    """FLOP of one SD 1.5 UNet call on `size`x`size` images, counted on the meta device (no compute)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sdlab.config import SD15
+    from sdlab.nn.unet import UNet
+
+    with torch.device("meta"):
+        unet = UNet(SD15.unet)
+        x = torch.empty(batch, 4, size // 8, size // 8)
+        context = torch.empty(batch, SD15.text_encoder.max_length, SD15.unet.context_dim)
+        with FlopCounterMode(display=False) as counter:
+            unet(x, torch.full((batch,), 500.0), context)
+    return counter.get_total_flops()
+
+
+def ensure_model(path: str | None) -> str:
+    """The model folder to benchmark: `path`, or a random SD 1.5-config model built once (seed 0) and cached."""
+    if path:
+        return path
+    folder = Path(tempfile.gettempdir()) / "sdlab_bench" / "sd15"
+    if not (folder / "model_index.json").is_file():
+        import torch
+
+        import sdlab
+
+        print(f"building a random SD 1.5-config model in {folder} (once) ...", flush=True)
+        torch.manual_seed(0)
+        sdlab.Model.build(sdlab.PRESETS["sd15"]).save(folder)
+    return str(folder)
+
+
+def run_child(spec: dict) -> dict:
+    cmd = [sys.executable, __file__, "--child", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"{spec['variant']} {spec['precision']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def pixel_diff(a_path: str, b_path: str) -> int:
+    import numpy as np
+
+    a, b = np.load(a_path).astype(np.int16), np.load(b_path).astype(np.int16)
+    return int(np.abs(a - b).max())
+
+
+def measure(args, model: str, workdir: str) -> dict:
+    """{(variant, precision): [result per repeat]}, runs interleaved across variants and precisions."""
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for repeat in range(args.repeats):
+        for precision in args.precisions:
+            for variant in args.variants:
+                spec = dict(variant=variant, precision=precision, model=model, device=args.device,
+                            size=args.size, steps=args.steps, cfg=args.cfg, seed=args.seed, gens=args.gens,
+                            threads=args.threads, image=os.path.join(workdir, f"{variant}_{precision}.npy"))
+                result = run_child(spec)
+                result["image"] = spec["image"]
+                runs.setdefault((variant, precision), []).append(result)
+                print(f"  repeat {repeat + 1}/{args.repeats} {variant:13s} {precision}: "
+                      f"step {result['step_s']:.3f}s, end to end {result['e2e_s']:.2f}s, "
+                      f"first call {result['first_s']:.2f}s, RSS {result['rss_gb']:.2f} GB", flush=True)
+    return runs
+
+
+def _median(results: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in results)
+
+
+def table(args, runs: dict, flop: float) -> str:
+    rows = ["| pipeline | precision | UNet step (s) | end to end (s) | first call (s) | load (s) | peak RSS (GB) "
+            "| UNet TFLOP/s | % of peak | time vs diffusers (step / e2e) | RSS vs diffusers | max px diff |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (variant, precision), results in runs.items():
+        m = {key: _median(results, key) for key in ("step_s", "e2e_s", "first_s", "load_s", "rss_gb")}
+        tflops = flop / m["step_s"] / 1e12
+        peak = args.peaks.get(precision)
+        ref = runs.get(("diffusers", precision))
+        ratio = rss = diff = "-"
+        if ref and variant != "diffusers":
+            ratio = f"{m['step_s'] / _median(ref, 'step_s'):.2f} / {m['e2e_s'] / _median(ref, 'e2e_s'):.2f}"
+            rss = f"{m['rss_gb'] / _median(ref, 'rss_gb'):.2f}"
+            diff = str(pixel_diff(results[0]["image"], ref[0]["image"]))
+        if precision != "fp32" and (variant, "fp32") in runs:
+            diff += f" (vs its fp32: {pixel_diff(results[0]['image'], runs[(variant, 'fp32')][0]['image'])})"
+        rows.append(f"| {variant} | {precision} | {m['step_s']:.3f} | {m['e2e_s']:.2f} | {m['first_s']:.2f} "
+                    f"| {m['load_s']:.1f} | {m['rss_gb']:.2f} | {tflops:.3f} "
+                    f"| {f'{100 * tflops / peak:.0f}%' if peak else '-'} | {ratio} | {rss} | {diff} |")
+    return "\n".join(rows)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--model", help="a diffusers SD 1.5-layout folder (default: a cached random-weight one)")
+    p.add_argument("--precisions", help="comma list of fp32, bf16, fp16 (default: fp32,bf16 on CPU, fp16 on GPU)")
+    p.add_argument("--variants", default="sdlab,diffusers",
+                   help="comma list of sdlab, sdlab-plain, sdlab-compile, diffusers")
+    p.add_argument("--size", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--cfg", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--gens", type=int, default=2, help="generations per process; the last one is 'end to end'")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (0 = torch's default)")
+    p.add_argument("--quick", action="store_true", help="128x128, 4 steps, 1 repeat")
+    p.add_argument("--peak-fp32", type=float, default=DEFAULT_PEAKS["fp32"], help="machine peak, TFLOP/s")
+    p.add_argument("--peak-bf16", type=float, default=DEFAULT_PEAKS["bf16"])
+    p.add_argument("--peak-fp16", type=float, help="(GPU) peak fp16 TFLOP/s, for the %% column")
+    p.add_argument("--markdown", help="also write the table to this file")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    gpu = args.device == "cuda"
+    defaults = dict(size=(512 if gpu else 256), steps=(50 if gpu else 20), repeats=3)
+    if args.quick:
+        defaults = dict(size=128, steps=4, repeats=1)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.precisions = (args.precisions or ("fp16" if gpu else "fp32,bf16")).split(",")
+    args.variants = args.variants.split(",")
+    args.peaks = {"fp32": args.peak_fp32, "bf16": args.peak_bf16, "fp16": args.peak_fp16}
+    if gpu:  # the CPU peaks say nothing about a GPU
+        args.peaks = {"fp16": args.peak_fp16}
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        print("RESULT " + json.dumps(child(json.loads(args.child))), flush=True)
+        return 0
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("CUDA is not available on this machine: skipping the GPU benchmark.")
+            return 0
+    model = ensure_model(args.model)
+    flop = unet_flop(args.size)
+    print(f"{args.device}, {args.size}x{args.size}, {args.steps} steps of DPM++ 2M, CFG {args.cfg}, seed {args.seed}, "
+          f"{args.threads or 'default'} threads; one UNet call (batch 2) = {flop / 1e12:.3f} TFLOP", flush=True)
+    with tempfile.TemporaryDirectory() as workdir:
+        runs = measure(args, model, workdir)
+        text = table(args, runs, flop)
+    command = "python benchmarks/inference.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(f"\n{command}\n\n{text}")
+    if args.markdown:
+        Path(args.markdown).write_text(f"`{command}`\n\n{text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
