@@ -2,7 +2,7 @@
 bf16 autocast, through the real `sdlab.train.Trainer` (data, text encoder, UNet, AdamW, EMA).
 
     python benchmarks/train_throughput.py                    # the default small model, batch 16
-    python benchmarks/train_throughput.py --batch-size 32 --steps 20 --threads 2
+    python benchmarks/train_throughput.py --batch-size 32 --steps 20 --threads 2   # on a quiet machine
 
 Each precision runs in its own process, so the peak resident memory (ru_maxrss) of one does not hide the
 other's. The model is the size the built-in shapes model is meant to have: 64x64 images, a 4x VAE
@@ -60,7 +60,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
+    # One thread by default: on a shared 2-core machine two OpenMP threads that wait on each other can run
+    # 5-10x slower than one; pass --threads 2 on a quiet machine.
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--child", choices=("no", "bf16"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

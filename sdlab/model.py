@@ -139,7 +139,8 @@ def _networks(config: ModelConfig) -> dict[str, nn.Module]:
 
 
 def _default_tokenizer(config: ModelConfig) -> CLIPTokenizer:
-    return CLIPTokenizer.default(pad_token_id=config.text_encoder.pad_token_id)
+    text = config.text_encoder
+    return CLIPTokenizer.default(pad_token_id=text.pad_token_id, max_length=text.max_length)
 
 
 def _assign(net: nn.Module, state: dict[str, torch.Tensor], dtype, device, *, where: str) -> None:

@@ -216,11 +216,14 @@ class _ChunkBuilder:
         return self.chunks
 
 
-def tokenize_weighted(tokenizer: TokenizerLike, text: str, comma_backtrack: int = COMMA_BACKTRACK) -> list[Chunk]:
+def tokenize_weighted(tokenizer: TokenizerLike, text: str, comma_backtrack: int | None = None) -> list[Chunk]:
     """Chunks of 77 ids and weights for a prompt in A1111 syntax (strip `<lora:...>` tags first).
 
-    `comma_backtrack=0` turns the comma rule off (chunks then break strictly every 75 tokens).
+    `comma_backtrack=0` turns the comma rule off (chunks then break strictly every 75 tokens); the default
+    is A1111's 20, or less for a tokenizer with a shorter context.
     """
+    if comma_backtrack is None:
+        comma_backtrack = min(COMMA_BACKTRACK, tokenizer.max_length - 3)
     if comma_backtrack < 0 or comma_backtrack >= tokenizer.max_length - 2:
         raise ParameterError(f"comma_backtrack={comma_backtrack} must be in 0..{tokenizer.max_length - 3}")
     spans = parse_emphasis(text)

@@ -98,15 +98,16 @@ class CLIPTokenizer:
     # ----------------------------------------------------------------------------------------- loading
 
     @classmethod
-    def default(cls, pad_token_id: int = 49407) -> CLIPTokenizer:
-        """The CLIP vocabulary shipped with sdlab; pad with 49407 (SD 1.x) or 0 (SD 2.x)."""
+    def default(cls, pad_token_id: int = 49407, max_length: int = MAX_LENGTH) -> CLIPTokenizer:
+        """The CLIP vocabulary shipped with sdlab; pad with 49407 (SD 1.x) or 0 (SD 2.x); `max_length` ids
+        per sequence (77 for SD; small models may use a shorter context)."""
         folder = resources.files("sdlab") / "data" / "clip"
         vocab = _read_vocab(Path(str(folder)))
         id_to_token = {i: t for t, i in vocab.token_to_id.items()}
         if pad_token_id not in id_to_token:
             raise TokenizerError(f"pad_token_id={pad_token_id} is not in the CLIP vocabulary "
                                  f"(ids 0..{len(id_to_token) - 1}); SD 1.x uses 49407, SD 2.x uses 0")
-        return cls(vocab.token_to_id, vocab.merges, pad_token=id_to_token[pad_token_id])
+        return cls(vocab.token_to_id, vocab.merges, pad_token=id_to_token[pad_token_id], max_length=max_length)
 
     @classmethod
     def from_folder(cls, path: str | Path) -> CLIPTokenizer:

@@ -196,13 +196,17 @@ def test_full_queue_over_http_is_429_with_retry_after():
     with TestClient(app) as c:
         gate = threading.Event()
         state = app.state.sdlab
-        state.queue.submit(Job(work=lambda job: gate.wait(20)))  # occupies the worker
+        blocker = state.queue.submit(Job(work=lambda job: gate.wait(20)))  # occupies the worker
+        while blocker.status != "running":
+            time.sleep(0.01)
         state.queue.submit(Job(work=lambda job: None))  # fills the queue
         r = c.post("/sdapi/v1/txt2img", json={"prompt": "x", **SMALL})
+        if r.status_code != 429:
+            gate.set()
         assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
         r = c.post("/v1/images/generations", json={"prompt": "x", "size": "32x32"})
-        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
         gate.set()
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
 
 
 def test_concurrent_requests_each_get_their_own_image(client, reference_model):
@@ -239,8 +243,11 @@ def test_lists(client):
 
 
 def test_options_accept_only_the_model_and_only_by_name(tmp_path):
-    torch.manual_seed(1)
-    Model.from_name("random:tiny").save(tmp_path / "other.safetensors", layout="single-file")
+    other = Model.from_name("random:tiny")
+    with torch.no_grad():
+        for weight in other.unet.parameters():
+            weight.mul_(1.5)  # different weights from the startup model's
+    other.save(tmp_path / "other.safetensors", layout="single-file")
     app = create_app(ServerSettings(model="random:tiny", models_dir=tmp_path))
     with TestClient(app) as c:
         names = [m["model_name"] for m in c.get("/sdapi/v1/sd-models").json()]

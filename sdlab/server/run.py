@@ -2,12 +2,13 @@
 
 On the signal, the job queue stops taking jobs and cancels the waiting ones (their requests get 503) at
 once, while the running job gets `shutdown_grace_s` to finish before its sampler is interrupted; uvicorn
-meanwhile stops accepting connections and waits for the open requests, then the process exits with 0.
+meanwhile stops accepting connections and waits for the open requests, then the process exits with status 0.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 
 import uvicorn
@@ -28,7 +29,12 @@ class _Server(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
         # Runs inside a signal handler: hand the work to a thread.
         threading.Thread(target=self._on_exit, name="sdlab-shutdown", daemon=True).start()
-        super().handle_exit(sig, frame)
+        # As uvicorn's own handler, except that the signal is not recorded to be re-raised after the
+        # graceful shutdown: a completed shutdown exits with status 0. A second Ctrl-C forces the exit.
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
 
 
 def serve(settings: ServerSettings) -> None:
