@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import socket
 import statistics
 import sys
-import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -124,34 +122,13 @@ def check_loopback(url: str) -> None:
 # ---- a server in this process, for the default run and the pytest version ----
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def local_server(model: str = "random:tiny", queue_size: int = 8):
     """Run `sdlab serve` in a background thread on a free loopback port; yield its URL."""
-    import uvicorn
+    from sdlab.server import ServerSettings, serve_in_thread
 
-    from sdlab.server import ServerSettings, create_app
-
-    port = free_port()
-    app = create_app(ServerSettings(model=model, port=port, queue_size=queue_size))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not server.started:
-        if time.time() > deadline or not thread.is_alive():
-            raise RuntimeError("the server did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    with serve_in_thread(ServerSettings(model=model, port=0, queue_size=queue_size)) as url:
+        yield url
 
 
 def main(argv: list[str] | None = None) -> int:

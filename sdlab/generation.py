@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -34,7 +36,9 @@ from .diffusion.samplers import SamplingInterrupted
 from .diffusion.schedules import NoiseSchedule, ve_to_vp
 from .errors import SdlabError
 from .images import to_mask, to_pil, to_pixels
+from .lora import apply_lora, find_lora
 from .params import GenerationParams
+from .prompts import extract_lora_tags
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +69,28 @@ class StepInfo:
 @torch.no_grad()
 def generate(model, params: GenerationParams, *, generator: rng.Generator = None,
              callback: Callable[[StepInfo], None] | None = None,
-             interrupt: Callable[[], bool] | None = None) -> GenerationResult:
+             interrupt: Callable[[], bool] | None = None,
+             lora_dirs: tuple[str | Path, ...] = ("loras",)) -> GenerationResult:
     """Generate `params.batch_size` images. Image i uses seed `params.seed + i` unless `generator` is given
-    (a torch.Generator or a list, one per image, as diffusers takes them)."""
+    (a torch.Generator or a list, one per image, as diffusers takes them).
+
+    LoRAs (`params.loras` and `<lora:name:weight>` tags in the prompt) are merged into the weights for this
+    call and restored afterwards; a name is looked up in `lora_dirs`, a path is used as is."""
     params = params.resolved(model.config)
+    prompt, tags = extract_lora_tags(params.prompt)
     n = params.batch_size
     if generator is None:
         generator = rng.generators(params.seeds)
-    return sample_batch(model, [params.prompt] * n, [params.negative_prompt] * n, params, generator,
-                        callback=callback, interrupt=interrupt)
+    with ExitStack() as merged:
+        for name, weight in (*params.loras, *tags):
+            merged.enter_context(apply_lora(model, _lora_file(name, lora_dirs), weight))
+        return sample_batch(model, [prompt] * n, [params.negative_prompt] * n, params, generator,
+                            callback=callback, interrupt=interrupt)
+
+
+def _lora_file(name: str, lora_dirs) -> Path:
+    path = Path(name).expanduser()
+    return path if path.is_file() else find_lora(name, lora_dirs)
 
 
 @torch.no_grad()

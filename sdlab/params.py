@@ -49,6 +49,8 @@ class GenerationParams:
     strength: float = 0.75
     mask: Image.Image | None = None
     eta: float | None = None  # DDIM / ancestral noise amount; None = the sampler's default
+    # LoRA adapters merged for this request: (file path or name, weight); `<lora:name:w>` prompt tags add more.
+    loras: tuple[tuple[str, float], ...] = ()
 
     @property
     def mode(self) -> str:

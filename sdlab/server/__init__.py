@@ -6,7 +6,7 @@ queue and `sdlab.generate`. Needs the `server` extra (fastapi, uvicorn).
 """
 
 from .app import create_app
-from .run import serve
+from .run import serve, serve_in_thread
 from .settings import ServerSettings
 
-__all__ = ["ServerSettings", "create_app", "serve"]
+__all__ = ["ServerSettings", "create_app", "serve", "serve_in_thread"]

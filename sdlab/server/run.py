@@ -7,9 +7,14 @@ meanwhile stops accepting connections and waits for the open requests, then the 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import signal
+import socket
 import threading
+import time
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -45,3 +50,31 @@ def serve(settings: ServerSettings) -> None:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5)
     _Server(config, app.state.sdlab.begin_shutdown).run()
+
+
+@contextlib.contextmanager
+def serve_in_thread(settings: ServerSettings, start_timeout: float = 60.0) -> Iterator[str]:
+    """Run the server in a background thread (for tests, notebooks, load tests); yield its base URL.
+    `settings.port` 0 picks a free port."""
+    port = settings.port or _free_port(settings.host)
+    settings = dataclasses.replace(settings, port=port)
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=settings.host, port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, name="sdlab-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"the server did not start on {settings.host}:{port}")
+        time.sleep(0.05)
+    try:
+        yield f"http://{settings.host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(settings.shutdown_grace_s + 30)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

@@ -1,0 +1,96 @@
+"""The web UI in a real browser: Debian's chromium driven by Playwright, against a live server on loopback.
+
+Needs `pip install playwright` and `apt-get install chromium` (Playwright's own browser download is not
+used); skipped with the reason when either is missing. Set SDLAB_SCREENSHOT=path.png to keep a screenshot.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sdlab.server import ServerSettings, serve_in_thread
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no system chromium (apt-get install chromium)")
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    with serve_in_thread(ServerSettings(model="random:tiny", port=0)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, server_url):
+    page = browser.new_page(viewport={"width": 1100, "height": 850})
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(server_url)
+    page.wait_for_function("document.getElementById('sampler').options.length > 0")
+    yield page
+    page.close()
+    assert errors == [], f"JavaScript errors: {errors}"
+
+
+def set_fields(page, **values):
+    for field, value in values.items():
+        page.fill(f"#{field}", str(value))
+
+
+def test_generate_shows_progress_image_parameters_and_steps(page, tmp_path):
+    assert page.input_value("#sampler") == "DPM++ 2M" and page.input_value("#width") == "64"
+    assert "random:tiny" in page.inner_text("#model-name")
+    page.fill("#prompt", "a red circle above a blue square")
+    set_fields(page, steps=40, width=32, height=32, seed=1234)
+    page.select_option("#sampler", "Euler")
+    page.click("#generate")
+    # live progress: a preview image while the job still runs
+    page.wait_for_function("document.getElementById('generate').disabled && "
+                           "!document.getElementById('current').hidden", timeout=60_000)
+    assert "step" in page.inner_text("#progress-text") or "queued" in page.inner_text("#progress-text")
+    page.wait_for_selector("#gallery figure", timeout=120_000)
+    page.wait_for_function("!document.getElementById('generate').disabled")
+    info = page.inner_text("#infotext")
+    assert info.startswith("a red circle above a blue square\nSteps: 40, Sampler: Euler")
+    assert "Seed: 1234" in info and "Size: 32x32" in info
+    assert page.get_attribute("#current", "src").startswith("data:image/png;base64,")
+    # the step player: one frame per step, the slider shows any of them
+    assert page.is_visible("#player") and page.get_attribute("#step-slider", "max") == "39"
+    page.fill("#step-slider", "0")
+    page.dispatch_event("#step-slider", "input")
+    assert page.inner_text("#step-label") == "step 1/40"
+    page.click("#play")
+    page.wait_for_function("document.getElementById('step-label').textContent === 'step 40/40'", timeout=30_000)
+    shot = Path(os.environ.get("SDLAB_SCREENSHOT", tmp_path / "webui.png"))
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+
+
+def test_random_seed_batch_gallery_and_errors(page):
+    page.click("#random-seed")
+    assert int(page.input_value("#seed")) >= 0
+    page.fill("#prompt", "a green star")
+    set_fields(page, steps=2, width=32, height=32, batch=2, seed=7)
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('#gallery figure').length === 2", timeout=120_000)
+    captions = page.locator("#gallery figcaption").all_inner_texts()
+    assert sorted(captions) == ["seed 7", "seed 8"]
+    page.locator("#gallery figure").nth(0).click()
+    assert "Seed: 8" in page.inner_text("#infotext")
+    page.click("#reuse-seed")
+    assert page.input_value("#seed") == "8"
+    set_fields(page, width=36)
+    page.click("#generate")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "422" in page.inner_text("#error") and "width=36" in page.inner_text("#error")
