@@ -29,6 +29,7 @@ def check_destination(path: str | os.PathLike, overwrite: bool) -> Path:
         raise DestinationExistsError(
             f"{path}: a {kind} with this name already exists; pass overwrite=True to replace it"
         )
+    path.parent.mkdir(parents=True, exist_ok=True)  # the temporary file is created beside the destination
     return path
 
 
