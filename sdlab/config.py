@@ -122,6 +122,8 @@ class ScheduleConfig:
     # "leading" spacing with an offset of 1.
     timestep_spacing: Literal["leading", "linspace", "trailing"] = "leading"
     steps_offset: int = 1
+    # Rescale the betas to zero terminal SNR (Lin et al. 2023); models trained that way need it to sample.
+    zero_terminal_snr: bool = False
 
 
 @dataclass(frozen=True)

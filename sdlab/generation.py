@@ -99,10 +99,10 @@ def sample_batch(model, prompts: list[str], negatives: list[str], params: Genera
     """The loop behind `generate`, for one batch of (prompt, negative prompt) pairs; `params` resolved."""
     spec = _sampler(params)
     train = model.config.schedule
-    sigmas = spec.make_sigmas(train, params.steps, schedule=params.schedule.lower(),
+    schedule = NoiseSchedule.from_config(train)
+    sigmas = spec.make_sigmas(schedule, params.steps, schedule=params.schedule.lower(),
                               spacing=train.timestep_spacing, steps_offset=train.steps_offset)
     start = _first_step(params)
-    schedule = NoiseSchedule.from_config(model.config.schedule)
     denoiser = ModelDenoiser(model.unet, schedule, model.config.prediction, quantize=spec.quantize(params.schedule))
     cond, uncond = _contexts(model, prompts, negatives, params)
     x, denoiser = _start(model, params, denoiser, cond, uncond, spec, sigmas, start, generator)

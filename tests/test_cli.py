@@ -173,3 +173,22 @@ def test_prompts_file_in_one_process(tmp_path, capsys):
     made = sorted((parse_infotext(read_infotext(p)).prompt, parse_infotext(read_infotext(p)).fields["Seed"])
                   for p in paths)
     assert made == [("a blue square", "101"), ("a green star", "102"), ("a red circle", "100")]
+
+
+def test_eval_writes_a_report(tmp_path, capsys):
+    code, lines = run(capsys, "eval", "--model", "random:tiny", "--n", 2, "--steps", 1, "--size", "32x32",
+                      "--out", tmp_path)
+    assert code == 0 and any(line.startswith("colour") for line in lines)
+    assert (tmp_path / "report.txt").read_text().strip() and (tmp_path / "contact_sheet.png").is_file()
+
+
+def test_train_hands_over_to_the_trainer(capsys):
+    from importlib.util import find_spec
+
+    if find_spec("sdlab.train.cli") is None:
+        assert main(["train"]) == 2
+        assert "sdlab.train.cli is missing" in capsys.readouterr().err
+    else:
+        with pytest.raises(SystemExit) as done:
+            main(["train", "--help"])
+        assert done.value.code == 0 and "usage: sdlab train" in capsys.readouterr().out

@@ -224,3 +224,22 @@ def test_long_prompt_is_chunked_not_truncated(folder):
     a = sample_batch(model, [params.prompt], [""], params, torch.Generator().manual_seed(1)).latents
     b = sample_batch(model, [cut.prompt], [""], cut, torch.Generator().manual_seed(1)).latents
     assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("sampler", ["DDIM", "Euler"])
+def test_zero_terminal_snr_trailing_and_guidance_rescale(tmp_path, sampler):
+    """Lin et al. 2023's recipe: v-prediction, zero-terminal-SNR betas, trailing timesteps, guidance
+    rescale. The model's scheduler_config carries the first three; both pipelines follow it."""
+    torch.manual_seed(0)
+    folder = tmp_path / "zsnr"
+    schedule = dataclasses.replace(TINY.schedule, zero_terminal_snr=True, timestep_spacing="trailing")
+    sdlab.Model.build(TINY.replace(prediction="v_prediction", schedule=schedule)).save(folder)
+    ref = getattr(diffusers, "StableDiffusionPipeline").from_pretrained(
+        folder, safety_checker=None, requires_safety_checker=False)
+    scheduler, options = PAIRS[sampler]
+    ref.scheduler = getattr(diffusers, scheduler).from_config(ref.scheduler.config, **options)
+    assert ref.scheduler.config.rescale_betas_zero_snr and ref.scheduler.config.timestep_spacing == "trailing"
+    ref.set_progress_bar_config(disable=True)
+    theirs = ref(PROMPT, output_type="np", guidance_rescale=0.7, **_call()).images
+    ours = _ours(folder, sampler, guidance_rescale=0.7, **_call())
+    assert _max_diff(ours, theirs) <= 2

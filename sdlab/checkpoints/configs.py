@@ -283,6 +283,7 @@ def schedule_from_diffusers(
         beta_schedule=schedule,
         timestep_spacing=spacing,
         steps_offset=int(d.get("steps_offset", 0)),  # diffusers' default when the file does not say
+        zero_terminal_snr=bool(d.get("rescale_betas_zero_snr", False)),
     )
     return config, prediction
 
@@ -307,6 +308,7 @@ def schedule_to_diffusers(cfg: ScheduleConfig, prediction: str) -> dict[str, Any
         "set_alpha_to_one": False,
         "timestep_spacing": cfg.timestep_spacing,
         "steps_offset": cfg.steps_offset,
+        "rescale_betas_zero_snr": cfg.zero_terminal_snr,
         "skip_prk_steps": True,
         "clip_sample": False,
     }

@@ -87,7 +87,10 @@ class NoiseSchedule:
         self.log_sigmas = self.sigmas.double().log()  # (T,) float64 for the interpolation
 
     @classmethod
-    def from_config(cls, config: ScheduleConfig, *, zero_terminal_snr: bool = False) -> NoiseSchedule:
+    def from_config(cls, config: ScheduleConfig, *, zero_terminal_snr: bool | None = None) -> NoiseSchedule:
+        """The schedule of `config`; `zero_terminal_snr` overrides `config.zero_terminal_snr`."""
+        if zero_terminal_snr is None:
+            zero_terminal_snr = config.zero_terminal_snr
         betas = betas_from_config(config)
         if zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
@@ -213,7 +216,7 @@ def make_sigmas(
     style: TimestepStyle = "k",
     steps_offset: int = 1,
     final_sigma: FinalSigma = "zero",
-    zero_terminal_snr: bool = False,
+    zero_terminal_snr: bool | None = None,
 ) -> torch.Tensor:
     """The descending sigmas (steps + 1,) float32 that a sampler walks through; the last is the final sigma.
 
@@ -256,7 +259,7 @@ def _schedule_sigmas(noise, steps, schedule, spacing, style, steps_offset) -> to
     return exponential_sigmas(lo, hi, steps)
 
 
-def _as_noise_schedule(config, zero_terminal_snr: bool) -> NoiseSchedule:
+def _as_noise_schedule(config, zero_terminal_snr: bool | None) -> NoiseSchedule:
     if isinstance(config, NoiseSchedule):
         return config
     return NoiseSchedule.from_config(config, zero_terminal_snr=zero_terminal_snr)
