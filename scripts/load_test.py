@@ -35,6 +35,8 @@ class Outcome:
     seconds: float
     png: bytes | None = None
     error: str | None = None
+    retries: int = 0  # 429s answered before this outcome (with --retry)
+    retry_after: str | None = None
 
 
 @dataclass
@@ -59,6 +61,9 @@ class Report:
             q = statistics.quantiles(done, n=20) if len(done) > 1 else [done[0]] * 19
             lines.append(f"latency of 200s: p50 {statistics.median(done):.2f} s, p95 {q[18]:.2f} s, "
                          f"max {max(done):.2f} s; {len(done) / self.seconds:.2f} images/s")
+        retried = sum(o.retries for o in self.outcomes)
+        if retried:
+            lines.append(f"429s answered and retried: {retried}")
         lines.append(f"images differing from the serial run: {len(self.mismatched)}"
                      + (f" (seeds {self.mismatched[:10]})" if self.mismatched else ""))
         errors = [o.error for o in self.outcomes if o.error][:3]
@@ -79,6 +84,7 @@ def one_request(client: httpx.Client, url: str, body: dict) -> Outcome:
     except httpx.HTTPError as e:
         return Outcome(body["seed"], None, time.perf_counter() - started, error=f"{type(e).__name__}: {e}")
     outcome = Outcome(body["seed"], r.status_code, time.perf_counter() - started)
+    outcome.retry_after = r.headers.get("Retry-After")
     if r.status_code == 200:
         outcome.png = base64.b64decode(r.json()["images"][0])
     elif r.status_code != 429:
@@ -86,16 +92,32 @@ def one_request(client: httpx.Client, url: str, body: dict) -> Outcome:
     return outcome
 
 
+def patient_request(client: httpx.Client, url: str, body: dict, give_up_at: float) -> Outcome:
+    """`one_request`, retried after each 429 (waiting its Retry-After, at most 2 s) until `give_up_at`."""
+    retries = 0
+    while True:
+        outcome = one_request(client, url, body)
+        if outcome.status != 429 or time.perf_counter() > give_up_at:
+            outcome.retries = retries
+            return outcome
+        retries += 1
+        time.sleep(min(2.0, float(outcome.retry_after or 1)))
+
+
 def run_load_test(url: str, *, clients: int = 16, requests: int = 64, size: int = 32, steps: int = 2,
-                  deadline_s: float = 300.0, headers: dict | None = None) -> Report:
-    """Fire `requests` requests from `clients` threads, then re-ask serially for each image received."""
+                  deadline_s: float = 300.0, headers: dict | None = None, retry: bool = False) -> Report:
+    """Fire `requests` requests from `clients` threads, then re-ask serially for each image received. With
+    `retry`, a client answered 429 waits and asks again (until `deadline_s` from the start)."""
     check_loopback(url)
     bodies = [request_body(seed, size, steps) for seed in range(requests)]
     timeout = httpx.Timeout(deadline_s, connect=10)
     started = time.perf_counter()
     with httpx.Client(timeout=timeout, headers=headers, limits=httpx.Limits(max_connections=clients)) as client:
         with ThreadPoolExecutor(clients) as pool:
-            outcomes = list(pool.map(lambda b: one_request(client, url, b), bodies))
+            give_up_at = started + deadline_s
+            ask = (lambda b: patient_request(client, url, b, give_up_at)) if retry else (
+                lambda b: one_request(client, url, b))
+            outcomes = list(pool.map(ask, bodies))
         report = Report(outcomes, time.perf_counter() - started)
         for outcome in outcomes:
             if outcome.status == 200:
@@ -142,12 +164,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--deadline", type=float, default=300.0, help="seconds any one request may take")
     parser.add_argument("--api-key", help="sent as a Bearer token")
+    parser.add_argument("--retry", action="store_true", help="after a 429, wait Retry-After and ask again")
+    parser.add_argument("--threads", type=int, help="torch CPU threads of the server started here")
     args = parser.parse_args(argv)
     if args.requests > 1000 or args.clients > 64:
         parser.error("at most 1000 requests and 64 clients")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
-    options = dict(clients=args.clients, requests=args.requests, size=args.size, steps=args.steps,
-                   deadline_s=args.deadline, headers=headers)
+    options = {"clients": args.clients, "requests": args.requests, "size": args.size, "steps": args.steps,
+               "deadline_s": args.deadline, "headers": headers, "retry": args.retry}
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.url:
         report = run_load_test(args.url, **options)
     else:

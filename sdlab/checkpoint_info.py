@@ -67,14 +67,14 @@ def format_info(info: dict) -> str:
         f"family:      {info['family']}{' (inpainting)' if info['inpainting'] else ''}",
         f"prediction:  {info['prediction']}",
         f"native size: {info['native_size']}x{info['native_size']}",
-        f"unet:        channels {info['unet']['channels']}, in_channels {info['unet']['in_channels']}, "
-        f"context {info['unet']['context_dim']}",
+        (f"unet:        channels {info['unet']['channels']}, in_channels {info['unet']['in_channels']}, "
+         f"context {info['unet']['context_dim']}"),
         f"text enc.:   width {info['text_encoder']['width']}, {info['text_encoder']['layers']} layers",
-        f"vae:         channels {info['vae']['channels']}, downscale {info['vae']['downscale']}, "
-        f"scaling {info['vae']['scaling_factor']}",
+        (f"vae:         channels {info['vae']['channels']}, downscale {info['vae']['downscale']}, "
+         f"scaling {info['vae']['scaling_factor']}"),
         "dtypes:      " + "; ".join(f"{k} {_fmt_counts(v)}" for k, v in info["dtypes"].items()),
-        f"parameters:  unet {p['unet']:,}, vae {p['vae']:,}, text_encoder {p['text_encoder']:,}, "
-        f"total {p['total']:,}",
+        (f"parameters:  unet {p['unet']:,}, vae {p['vae']:,}, text_encoder {p['text_encoder']:,}, "
+         f"total {p['total']:,}"),
     ]
     if "sha256" in info:
         lines.append(f"sha256:      {info['sha256']} (short hash {info['hash']})")

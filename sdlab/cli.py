@@ -79,11 +79,11 @@ def _add_generate(sub, mode: str, common) -> None:
     helps = {"generate": "text to image", "img2img": "image to image", "inpaint": "repaint the masked region"}
     p = sub.add_parser(mode, help=helps[mode], parents=[common])
     p.add_argument("prompt", nargs="?", default=argparse.SUPPRESS, help="the prompt")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--from-png", type=Path, help="re-create the image whose metadata this PNG holds "
+                        "(flags given as well override its values)")
     if mode == "generate":
-        source = p.add_mutually_exclusive_group()
         source.add_argument("--prompts", type=Path, help="a file of prompts, one per line (splits over torchrun)")
-        source.add_argument("--from-png", type=Path, help="re-create the image whose metadata this PNG holds "
-                            "(flags given as well override its values)")
     else:
         p.add_argument("--init", type=Path, required=True, help="the starting image")
         p.add_argument("--mask", type=Path, required=mode == "inpaint", help="white = repaint")
@@ -127,6 +127,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    "or 'random:<preset>' (random weights, e.g. random:tiny)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="compute dtype (default: fp32)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
 
 
 def _add_train(sub, common) -> None:
@@ -164,6 +165,7 @@ def _add_serve(sub, common) -> None:
     p.add_argument("--grace", type=float, default=10.0, help="seconds the running job gets on SIGTERM")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.set_defaults(run=cmd_serve)
 
 
@@ -224,6 +226,9 @@ def _base_params(args) -> tuple[GenerationParams, dict]:
         text = _read_png_text(args.from_png)
         parsed = parse_infotext(text)
         params, fields = parsed.to_params(), parsed.fields
+        if args.mode == "generate" and "Denoising strength" in fields:
+            log.warning("%s was made from an init image: re-create it with `sdlab img2img --from-png ... "
+                        "--init IMAGE` (or inpaint)", args.from_png)
     changes = {name: getattr(args, name) for name in {**PARAM_FLAGS, **IMAGE_FLAGS} if hasattr(args, name)}
     if hasattr(args, "prompt"):
         changes["prompt"] = args.prompt
@@ -426,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     try:
         return args.run(args)
     except SdlabError as e:

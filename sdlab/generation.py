@@ -149,33 +149,37 @@ def _contexts(model, prompts, negatives, params):
 
 def _start(model, params, denoiser, cond, uncond, spec, sigmas, start, generator):
     """The initial x (B, 4, h, w) at sigmas[start] and the denoiser the loop calls."""
-    n, device, dtype = len(cond), model.device, model.dtype
     f = model.config.vae.downscale
-    shape = (n, model.config.vae.latent_channels, params.height // f, params.width // f)
-    concat = None
+    shape = (len(cond), model.config.vae.latent_channels, params.height // f, params.width // f)
     if params.mode == "txt2img":
-        x = rng.randn(shape, generator, device=device, dtype=dtype) * _initial_scale(model, spec, sigmas)
-        guided = GuidedDenoiser(denoiser, cond, uncond, params.cfg_scale, rescale=params.guidance_rescale)
-        return x, guided
-    pixels = to_pixels(params.init_image, params.width, params.height).to(device, dtype)
-    ordinary_inpaint = params.mode == "inpaint" and not model.config.is_inpainting
+        x = rng.randn(shape, generator, device=model.device, dtype=model.dtype) * _initial_scale(model, spec, sigmas)
+        return x, GuidedDenoiser(denoiser, cond, uncond, params.cfg_scale, rescale=params.guidance_rescale)
+    return _start_from_image(model, params, denoiser, cond, uncond, spec, sigmas, start, generator, shape)
+
+
+def _start_from_image(model, params, denoiser, cond, uncond, spec, sigmas, start, generator, shape):
+    """img2img and inpainting. Draws: image latents (when used), initial noise, masked-image latents."""
+    n = shape[0]
+    pixels = to_pixels(params.init_image, params.width, params.height).to(model.device, model.dtype)
+    blend = params.mode == "inpaint" and not model.config.is_inpainting  # an ordinary model inpaints by blending
     image_latents = None
-    if params.mode == "img2img" or ordinary_inpaint or start > 0:
+    if params.mode == "img2img" or blend or start > 0:
         image_latents = encode_image(model, pixels, n, generator)
-    noise = rng.randn(shape, generator, device=device, dtype=dtype)
+    noise = rng.randn(shape, generator, device=model.device, dtype=model.dtype)
     if start == 0 and params.mode != "img2img":
-        x = noise * _initial_scale(model, spec, sigmas)
+        x = noise * _initial_scale(model, spec, sigmas)  # strength 1: pure noise, as txt2img
     else:
-        x = image_latents + noise * sigmas[start]
+        x = image_latents + noise * sigmas[start]  # the image's latent noised to the first sigma
+    concat = latent_mask = None
     if params.mode == "inpaint":
-        mask = to_mask(params.mask, params.width, params.height).to(device, dtype)  # (1, 1, H, W)
-        latent_mask = F.interpolate(mask, size=shape[2:])  # nearest, as the reference
+        mask = to_mask(params.mask, params.width, params.height).to(model.device, model.dtype)  # (1, 1, H, W)
+        latent_mask = F.interpolate(mask, size=shape[2:])  # (1, 1, h, w), nearest, as the reference
         if model.config.is_inpainting:
             masked = encode_image(model, pixels * (mask < 0.5), n, generator)
             concat = torch.cat([latent_mask.expand(n, -1, -1, -1), masked], dim=1)  # (B, 5, h, w)
     guided = GuidedDenoiser(denoiser, cond, uncond, params.cfg_scale, rescale=params.guidance_rescale,
                             concat=concat)
-    if ordinary_inpaint:
+    if blend:
         return x, MaskedDenoiser(guided, image_latents, latent_mask, noise)
     return x, guided
 

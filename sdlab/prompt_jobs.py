@@ -37,7 +37,7 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
 def process_rank() -> tuple[int, int]:
     """(RANK, WORLD_SIZE) as torchrun sets them; (0, 1) when run alone."""
     try:
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
         raise ParameterError("RANK and WORLD_SIZE must be integers") from None
     if world < 1 or not 0 <= rank < world:

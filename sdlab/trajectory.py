@@ -9,7 +9,7 @@ colours, the last ones only sharpen detail (the "coarse-to-fine" behaviour descr
 from __future__ import annotations
 
 import io
-from typing import Callable
+from collections.abc import Callable
 
 from PIL import Image
 

@@ -8,7 +8,13 @@ from PIL import Image
 from sdlab.errors import ParameterError
 from sdlab.params import GenerationParams
 from sdlab.pngmeta import (
-    ModelInfo, infotext, params_from_infotext, parse_infotext, png_bytes, read_infotext, split_sampler,
+    ModelInfo,
+    infotext,
+    params_from_infotext,
+    parse_infotext,
+    png_bytes,
+    read_infotext,
+    split_sampler,
 )
 
 MODEL = ModelInfo("v1-5-pruned-emaonly", "6ce0161689")
@@ -21,8 +27,8 @@ def test_infotext_has_a1111_layout():
     assert text.split("\n") == [
         "a red circle",
         "Negative prompt: blurry",
-        "Steps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 42, Size: 512x768, "
-        "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Version: sdlab 0.1.0",
+        ("Steps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 42, Size: 512x768, "
+         "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Version: sdlab 0.1.0"),
     ]
 
 

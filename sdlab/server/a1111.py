@@ -12,17 +12,30 @@ import json
 import time
 
 from fastapi import APIRouter, Request
+from PIL import Image, ImageOps
 
 from .. import __version__
 from ..diffusion.registry import get_sampler, sampler_names
 from ..diffusion.schedules import SCHEDULES
 from ..errors import ParameterError
 from ..params import GenerationParams
-from ..pngmeta import PARAMETERS_KEY, SCHEDULE_LABELS, parse_infotext, png_bytes, split_sampler
+from ..pngmeta import (
+    PARAMETERS_KEY,
+    SCHEDULE_LABELS,
+    parse_infotext,
+    png_bytes,
+    split_sampler,
+)
 from .codec import b64, decode_image
 from .engine import GenerationOutput, GenerationRequest
 from .schemas import (
-    DEFAULTS, ImageResponse, Img2ImgRequest, OptionsUpdate, PNGInfoRequest, PNGInfoResponse, ProgressResponse,
+    DEFAULTS,
+    ImageResponse,
+    Img2ImgRequest,
+    OptionsUpdate,
+    PNGInfoRequest,
+    PNGInfoResponse,
+    ProgressResponse,
     Txt2ImgRequest,
 )
 from .state import ServerState
@@ -81,9 +94,7 @@ def _prepare(state: ServerState, body: Txt2ImgRequest, params: GenerationParams)
     return state.prepare(params, n_iter=body.n_iter, model=model, save_steps=body.save_steps)
 
 
-def _inverted(mask):
-    from PIL import ImageOps
-
+def _inverted(mask: Image.Image) -> Image.Image:
     return ImageOps.invert(mask.convert("L"))
 
 

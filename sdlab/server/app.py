@@ -7,6 +7,7 @@ a full queue 429 with Retry-After, shutting down 503, a failed generation 500 wi
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from pathlib import Path
@@ -36,8 +37,6 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         await state.start()
         yield
-        import asyncio
-
         await asyncio.to_thread(state.stop)
 
     app = FastAPI(title="sdlab", version=__version__, lifespan=lifespan)

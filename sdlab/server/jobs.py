@@ -18,8 +18,9 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import ParameterError, SdlabError
 
@@ -148,12 +149,20 @@ class JobQueue:
 
     def _run(self) -> None:
         while (job := self._waiting.get()) is not None:
-            if job.status == "cancelled":
-                continue
-            self._execute(job)
+            if self._begin(job):
+                self._execute(job)
+
+    def _begin(self, job: Job) -> bool:
+        """Mark the job running, unless it was cancelled meanwhile (by `close`, or by its request going away:
+        asyncio cancels a wrapped future that is still pending)."""
+        with self._lock:
+            if job.status == "cancelled" or not job.future.set_running_or_notify_cancel():
+                job.status = "cancelled"
+                return False
+            job.status, job.started, self.current = "running", time.time(), job
+            return True
 
     def _execute(self, job: Job) -> None:
-        job.status, job.started, self.current = "running", time.time(), job
         try:
             result = job.work(job)
         except BaseException as error:  # the worker must survive anything a job does

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoints import load_checkpoint
-from ..config import ModelConfig
+from ..config import PRESETS, ModelConfig
 from ..errors import CheckpointError, ParameterError
 from ..fingerprint import model_display_name, model_sha256, short_hash
 from ..model import Model, builtin_model_path
@@ -100,11 +100,17 @@ class ModelRegistry:
         """The config of model `name` (read from its files, without building networks, if not loaded)."""
         entry = self.resolve(name)
         if entry.name not in self._configs:
-            if entry.source.startswith("random:") or entry.source == "builtin":
-                self.load(entry.name)
-            else:
-                self._configs[entry.name] = load_checkpoint(entry.source).config
+            self._configs[entry.name] = _read_config(entry.source)
         return self._configs[entry.name]
+
+
+def _read_config(source: str) -> ModelConfig:
+    if source.startswith("random:"):
+        preset = source.removeprefix("random:")
+        if preset not in PRESETS:
+            raise CheckpointError(f"unknown preset {preset!r} in {source!r}; valid: {', '.join(PRESETS)}")
+        return PRESETS[preset]
+    return load_checkpoint(builtin_model_path() if source == "builtin" else source).config
 
 
 def _builtin_installed() -> bool:

@@ -1,0 +1,86 @@
+"""The built-in model shipped in sdlab/data/builtin/: its folder, its numerics against diffusers, its quality.
+
+The model is the small latent diffusion model trained on the shapes world by scripts/train_builtin.py.
+diffusers' StableDiffusionPipeline must load the same folder and give the same image for the same seed, and
+on a few easy prompts the shapes evaluator must find what was asked for.
+"""
+
+import json
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+
+import sdlab
+from sdlab import rng
+from sdlab.generation import sample_batch
+from sdlab.model import Model, builtin_model_path
+from sdlab.params import GenerationParams
+from sdlab.shapes import evaluate
+
+PROMPT = "a red circle above a blue square"
+MAX_BYTES = 30 * 10**6
+
+
+@pytest.fixture(scope="module")
+def folder():
+    return builtin_model_path()
+
+
+@pytest.fixture(scope="module")
+def model(folder):
+    torch.set_num_threads(1)
+    return Model.from_name(None)
+
+
+def test_folder_is_diffusers_layout_in_fp16_and_small(folder):
+    index = json.loads((folder / "model_index.json").read_text())
+    assert {"unet", "vae", "text_encoder", "tokenizer", "scheduler"} <= set(index)
+    weights = sorted(folder.glob("*/*.safetensors"))
+    assert [w.parent.name for w in weights] == ["text_encoder", "unet", "vae"]
+    for path in weights:
+        with open(path, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        dtypes = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+        assert dtypes == {"F16"}, f"{path} holds {dtypes}"
+    total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert total <= MAX_BYTES, f"the built-in model takes {total / 1e6:.1f} MB"
+
+
+def test_loaded_when_no_model_is_named(model, folder):
+    assert model.source == folder
+    assert model.config.default_size == 64
+    assert model.dtype == torch.float32  # fp16 files are computed in fp32 on a CPU
+    assert model.tokenizer("a red circle").shape[-1] == model.config.text_encoder.max_length
+
+
+def test_same_image_as_diffusers(folder, model):
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+        folder, safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32)
+    pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
+        pipe.scheduler.config, timestep_spacing="leading", use_karras_sigmas=True)
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(num_inference_steps=20, guidance_scale=5.0, height=64, width=64)
+    theirs = pipe(PROMPT, generator=torch.Generator().manual_seed(7), output_type="np", **call).images
+    ours = sdlab.StableDiffusionPipeline(model, sampler="DPM++ 2M", schedule="karras")(
+        PROMPT, generator=torch.Generator().manual_seed(7), **call).images
+    a = np.asarray(ours[0], dtype=np.int16)
+    b = (theirs[0] * 255).round().astype(np.int16)
+    assert b.std() > 10, "the reference image is flat: the comparison would prove nothing"
+    assert np.abs(a - b).max() <= 2
+
+
+EASY_PROMPTS = [
+    "a red circle", "a blue square", "a green circle", "a yellow square",
+    "a black star", "a white triangle on a black background", "an orange cross", "a purple diamond",
+]
+
+
+def test_draws_what_easy_prompts_ask_for(model):
+    params = GenerationParams(steps=20, cfg_scale=5.0, batch_size=len(EASY_PROMPTS)).resolved(model.config)
+    seeds = list(range(100, 100 + len(EASY_PROMPTS)))
+    images = sample_batch(model, EASY_PROMPTS, [""] * len(EASY_PROMPTS), params, rng.generators(seeds)).images
+    table = evaluate(EASY_PROMPTS, images)
+    right = sum(s["colour"] and s["shape"] for s in table.scores)
+    assert right >= 6, f"colour and shape right on only {right}/8:\n{table.to_text()}"
