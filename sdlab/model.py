@@ -85,8 +85,9 @@ class Model:
             preset = str(name).removeprefix("random:")
             if preset not in PRESETS:
                 raise CheckpointError(f"unknown preset {preset!r} in {name!r}; valid: {', '.join(PRESETS)}")
-            torch.manual_seed(0)
-            return cls.build(PRESETS[preset], dtype=load_options.get("dtype", torch.float32))
+            with torch.random.fork_rng(devices=[]):  # the same weights every time, global RNG untouched
+                torch.manual_seed(0)
+                return cls.build(PRESETS[preset], dtype=load_options.get("dtype", torch.float32))
         return cls.load(name, **load_options)
 
     def save(self, path: str | Path, *, layout: str = "diffusers", dtype: torch.dtype | None = None,
