@@ -338,6 +338,9 @@ def cmd_train(args) -> int:
 
     parser = argparse.ArgumentParser(prog="sdlab train")
     train_cli.add_arguments(parser)
+    if not args.train_args:  # a training run takes a while: say what can be set rather than start one
+        parser.print_help()
+        return 0
     return train_cli.main(parser.parse_args(args.train_args)) or 0
 
 
