@@ -40,16 +40,16 @@ class Levers:
 
     def __init__(self, net: torch.nn.Module):
         self.net = net
-        self.convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
-        self.linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
         self.attentions = [m for m in net.modules() if isinstance(m, Attention)]
 
-    def set(self, channels_last=False, onednn_linear=False, attention_upcast=False):
+    def set(self, channels_last=False, prepack=False, attention_upcast=False):
+        perf.unpack(self.net)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        for conv in self.convs:
-            conv.weight.data = conv.weight.data.contiguous(memory_format=fmt)
-        for linear in self.linears:
-            linear.__class__ = perf.OneDNNLinear if onednn_linear else torch.nn.Linear
+        for conv in self.net.modules():
+            if isinstance(conv, torch.nn.Conv2d):
+                conv.weight.data = conv.weight.data.contiguous(memory_format=fmt)
+        if prepack:
+            perf.prepack(self.net)
         for attention in self.attentions:
             attention.upcast = attention_upcast
 
@@ -57,9 +57,10 @@ class Levers:
 VARIANTS = {
     "sdlab (no levers)": {},
     "+ channels_last": {"channels_last": True},
-    "+ oneDNN linear": {"onednn_linear": True},
+    "+ prepacked oneDNN weights": {"prepack": True},
     "+ attention in fp32": {"attention_upcast": True},
-    "sdlab, all levers": {"channels_last": True, "onednn_linear": True, "attention_upcast": True},
+    "channels_last + prepacked": {"channels_last": True, "prepack": True},
+    "sdlab, all levers": {"channels_last": True, "prepack": True, "attention_upcast": True},
 }
 
 
@@ -148,7 +149,7 @@ def bench_dtype(args, folder: str, name: str) -> list[str]:
             profiles["diffusers"] = profile_categories(unet_variants["diffusers"][1])
             setup(**VARIANTS["sdlab, all levers"])()
             profiles["sdlab, all levers"] = profile_categories(sd_unet)
-    flop = unet_flop(args.size)
+    flop = unet_flop(folder, args.size)
     rows = [f"\n### {name}, {args.size}x{args.size}: one UNet call (batch 2, {flop / 1e12:.3f} TFLOP) and one VAE "
             f"decode (batch 1); {args.clock} seconds, {args.threads} thread(s)\n",
             "| variant | UNet call (s) | TFLOP/s | % of peak | vs diffusers | VAE decode (s) | vs diffusers |",

@@ -103,7 +103,7 @@ def _add_param_flags(p: argparse.ArgumentParser, *, with_image: bool) -> None:
     for name, (flag, help_text) in flags.items():
         default = getattr(DEFAULTS, name)
         p.add_argument(flag, dest=name, type=_scalar(hints[name]), default=argparse.SUPPRESS,
-                       help=f"{help_text} (default: {default})")
+                       help=help_text if "(default:" in help_text else f"{help_text} (default: {default})")
     p.add_argument("--size", type=_size, default=argparse.SUPPRESS, metavar="WxH",
                    help="image size, e.g. 512x512 (default: the model's native size)")
 

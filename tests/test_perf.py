@@ -1,0 +1,118 @@
+"""The opt-in inference levers of `sdlab.perf` keep results right: fp32 levers match the default path to float
+rounding, bf16 stays close to fp32, packed layers still save and reload their weights, and the benchmark
+script runs end to end (on a tiny model)."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sdlab
+from sdlab import perf
+from sdlab.config import TINY
+from sdlab.errors import ParameterError
+
+PARAMS = sdlab.GenerationParams(prompt="a red circle", negative_prompt="blurry", width=64, height=64, steps=6,
+                                sampler="DPM++ 2M", cfg_scale=3.0, seed=3)
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN is not in this torch")
+
+
+def _model() -> sdlab.Model:
+    torch.manual_seed(0)
+    return sdlab.Model.build(TINY)
+
+
+def _unet_inputs(batch=2, side=8):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 4, side, side, generator=gen)
+    context = torch.randn(batch, 77, TINY.unet.context_dim, generator=gen)
+    return x, torch.tensor([10.0, 700.0])[:batch], context
+
+
+def _pixels(model) -> np.ndarray:
+    return np.asarray(sdlab.generate(model, PARAMS).images[0], dtype=np.int16)
+
+
+@needs_onednn
+@torch.no_grad()
+def test_fp32_levers_match_the_default_path():
+    plain, fast = _model(), perf.optimize(_model())
+    x, t, context = _unet_inputs()
+    assert torch.allclose(fast.unet(x, t, context), plain.unet(x, t, context), atol=1e-5, rtol=0)
+    z = torch.randn(1, 4, 8, 8)
+    assert torch.allclose(fast.vae.decode(z), plain.vae.decode(z), atol=1e-5, rtol=0)
+    assert np.abs(_pixels(fast) - _pixels(plain)).max() <= 1
+
+
+@needs_onednn
+@torch.no_grad()
+def test_packed_layers_work_at_any_size_and_under_autograd():
+    plain, fast = _model(), perf.optimize(_model())
+    for side in (8, 16, 8):  # packed at the first size, reused at the others
+        x, t, context = _unet_inputs(batch=1, side=side)
+        assert torch.allclose(fast.unet(x, t, context), plain.unet(x, t, context), atol=1e-5, rtol=0)
+    assert isinstance(fast.unet.conv_in, perf.PackedConv2d) and fast.unet.conv_in.packed is not None
+    with torch.enable_grad():  # falls back to the plain op on the unpacked weight
+        x, t, context = _unet_inputs(batch=1)
+        x.requires_grad_(True)
+        fast.unet(x, t, context).sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@needs_onednn
+@torch.no_grad()
+def test_packed_weights_save_reload_and_unpack_exactly(tmp_path):
+    model = _model()
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    perf.optimize(model)
+    model.unet(*_unet_inputs())  # packs every layer that runs
+    assert model.unet.down_blocks[0].resnets[0].conv1.packed is not None
+    after = model.unet.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    reloaded = sdlab.load(model.save(tmp_path / "m"))
+    assert all(torch.equal(reloaded.unet.state_dict()[k], before[k]) for k in before)
+    perf.unpack(model.unet)
+    assert type(model.unet.conv_in) is torch.nn.Conv2d
+    assert all(torch.equal(model.unet.state_dict()[k], before[k]) for k in before)
+
+
+@needs_onednn
+def test_bf16_image_is_close_to_fp32():
+    fp32 = _pixels(_model())
+    bf16_model = perf.optimize(_model(), dtype=torch.bfloat16)
+    assert bf16_model.dtype == torch.bfloat16 and next(bf16_model.text_encoder.parameters()).dtype == torch.bfloat16
+    diff = np.abs(_pixels(bf16_model) - fp32)
+    assert fp32.std() > 10  # a flat image would prove nothing
+    assert diff.mean() < 3 and diff.max() <= 40, (diff.mean(), diff.max())
+
+
+def test_convert_dtype_converts_every_float_tensor_and_nothing_else():
+    model = _model()
+    perf.convert_dtype(model.text_encoder, torch.bfloat16)
+    tensors = list(model.text_encoder.parameters()) + list(model.text_encoder.buffers())
+    assert all(t.dtype == torch.bfloat16 for t in tensors if t.is_floating_point())
+    assert all(not t.requires_grad for t in model.text_encoder.parameters())
+
+
+def test_optimize_rejects_an_unknown_dtype():
+    with pytest.raises(ParameterError, match="dtype"):
+        perf.optimize(_model(), dtype=torch.int8)
+
+
+@needs_onednn
+def test_benchmark_quick_run_on_a_tiny_model(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import inference
+
+    folder = _model().save(tmp_path / "tiny")
+    out = tmp_path / "table.md"
+    inference.main(["--quick", "--model", str(folder), "--size", "64", "--steps", "2", "--gens", "1",
+                    "--threads", "1", "--markdown", str(out)])
+    table = out.read_text()
+    for row in ("| sdlab | fp32 |", "| diffusers | fp32 |", "| sdlab | bf16 |", "| diffusers | bf16 |"):
+        assert row in table
+    fp32_row = next(line for line in table.splitlines() if line.startswith("| sdlab | fp32 |"))
+    assert fp32_row.split("|")[-2].strip() in ("0", "1")  # sdlab fp32 == diffusers fp32 to 1/255
