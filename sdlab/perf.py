@@ -23,7 +23,10 @@ levers keep fp32 results within float rounding of the default path (tests/test_p
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -53,12 +56,13 @@ def optimize(model, dtype: torch.dtype | None = None, *, channels_last: bool = T
         for name in _NETWORKS:
             convert_dtype(getattr(model, name), dtype)
     on_cpu = model.device.type == "cpu"
-    if channels_last:
-        to_channels_last(model.unet)
-        to_channels_last(model.vae)
-    if prepack_weights and on_cpu and model.dtype in _PACKABLE and torch.backends.mkldnn.is_available():
+    packing = prepack_weights and on_cpu and model.dtype in _PACKABLE and torch.backends.mkldnn.is_available()
+    if packing:  # packed convolutions take and give channels_last activations by themselves
         prepack(model.unet)
         prepack(model.vae)
+    elif channels_last:
+        to_channels_last(model.unet)
+        to_channels_last(model.vae)
     if attention_upcast is None:
         attention_upcast = on_cpu and model.dtype in (torch.bfloat16, torch.float16)
     if attention_upcast:  # never switched off here: SD 2.1 needs it in fp16
@@ -80,14 +84,55 @@ def convert_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
                 converted = tensor.detach().to(dtype)
                 table[name] = nn.Parameter(converted, tensor.requires_grad) if isinstance(tensor, nn.Parameter) \
                     else converted
+                release_pages(tensor)
     return module
+
+
+_MADV_PAGEOUT = 21  # Linux >= 5.4
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Let the kernel reclaim the pages of a memory-mapped checkpoint tensor that was just replaced.
+
+    Loading memory-maps the weight files: a tensor's pages become resident when first read, and stay so
+    while any tensor of the same file is alive (one mapping per file). Converting or packing the weights one
+    by one would thus hold the whole file plus the new copy. MADV_PAGEOUT drops clean file pages (they are
+    re-read from the file if ever touched again) and cannot lose data: modified (copy-on-write) pages are
+    only ever swapped out. A no-op for tensors not in a file mapping and on systems without madvise.
+    """
+    if not sys.platform.startswith("linux") or tensor.device.type != "cpu":
+        return
+    start, size = tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes()
+    page = os.sysconf("SC_PAGE_SIZE")
+    first, last = -(-start // page) * page, (start + size) // page * page  # whole pages inside the tensor
+    if last > first and _in_file_mapping(start):
+        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
+
+
+def _in_file_mapping(address: int) -> bool:
+    """Whether `address` lies in a mapping of a regular file (per /proc/self/maps)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            low, high = (int(a, 16) for a in fields[0].split("-"))
+            if low <= address < high:
+                return len(fields) >= 6 and fields[5].startswith("/")
+    return False
+
+
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
 
 
 def to_channels_last(module: nn.Module) -> nn.Module:
     """NHWC weights for every conv; oneDNN then keeps activations NHWC from the first conv on."""
     for sub in module.modules():
         if isinstance(sub, nn.Conv2d):
-            sub.weight.data = sub.weight.data.contiguous(memory_format=torch.channels_last)
+            weight = sub.weight.data
+            sub.weight.data = weight.contiguous(memory_format=torch.channels_last)
+            release_pages(weight)
     return module
 
 
@@ -115,6 +160,7 @@ class _PackedWeight:
     def _pack_from(self, x: torch.Tensor) -> None:
         weight = self._parameters.pop("weight").detach()
         self.packed = self._reorder(weight, x)
+        release_pages(weight)
 
     def unpack(self) -> None:
         if self.packed is not None:

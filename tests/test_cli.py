@@ -15,16 +15,6 @@ from sdlab.pngmeta import parse_infotext, read_infotext
 TINY = ["--model", "random:tiny", "--steps", "2", "--size", "32x32", "-q"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The tiny model gains nothing from a second thread, and where other processes share the 2 cores, two
-    OpenMP threads wait on each other (measured: 5.3 s instead of 0.4 s per image)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run(capsys, *argv) -> tuple[int, list[str]]:
     code = main([str(a) for a in argv])
     out = capsys.readouterr().out

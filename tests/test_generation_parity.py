@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import sdlab
-from sdlab.config import TINY, UNetConfig
+from sdlab.config import TINY
 from sdlab.generation import sample_batch
 
 # sdlab sampler label -> (diffusers scheduler class, options), as in sdlab.diffusion.registry.

@@ -39,15 +39,6 @@ HAND_MADE = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The CI machine's 2 cores are shared: one thread avoids thrashing and keeps these tests fast.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)

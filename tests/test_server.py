@@ -20,16 +20,6 @@ from sdlab.server.jobs import Job, JobQueue, QueueFullError
 SMALL = {"width": 32, "height": 32, "steps": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The tiny model gains nothing from a second thread, and where other processes share the 2 cores, two
-    OpenMP threads wait on each other (measured: 5.3 s instead of 0.4 s per image)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def reference_model():
     return Model.from_name("random:tiny")

@@ -6,19 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "load_test.py"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The tiny model gains nothing from a second thread, and where other processes share the 2 cores, two
-    OpenMP threads wait on each other (measured: 5.3 s instead of 0.4 s per image)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

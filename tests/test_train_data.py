@@ -155,29 +155,25 @@ def test_shapes_source_and_latent_cache(tmp_path):
 def test_trainer_on_bucketed_folders_cached_latents_and_vae_heldout_split(tmp_path):
     from sdlab.train import TrainConfig, Trainer
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        folder = tmp_path / "images"
-        for i in range(4):
-            write_image(folder / f"w{i}.png", size=(48, 24), colour=(40 * i, 100, 200))
-            write_image(folder / f"t{i}.png", size=(24, 48), colour=(200, 40 * i, 100))
-        for p in folder.glob("*.png"):
-            p.with_suffix(".txt").write_text("a coloured rectangle")
-        common = dict(model="tiny", data=str(folder), resolution=16, batch_size=2, save_every=0, progress_bar=False,
-                      export_layouts=(), resume=False)
-        bucketed = Trainer(TrainConfig(buckets=True, steps=4, output_dir=str(tmp_path / "b"), **common))
-        assert len(set(bucketed.source.sizes)) == 2
-        bucketed.run()  # batches of one size each; both sizes occur in an epoch
+    folder = tmp_path / "images"
+    for i in range(4):
+        write_image(folder / f"w{i}.png", size=(48, 24), colour=(40 * i, 100, 200))
+        write_image(folder / f"t{i}.png", size=(24, 48), colour=(200, 40 * i, 100))
+    for p in folder.glob("*.png"):
+        p.with_suffix(".txt").write_text("a coloured rectangle")
+    common = dict(model="tiny", data=str(folder), resolution=16, batch_size=2, save_every=0, progress_bar=False,
+                  export_layouts=(), resume=False)
+    bucketed = Trainer(TrainConfig(buckets=True, steps=4, output_dir=str(tmp_path / "b"), **common))
+    assert len(set(bucketed.source.sizes)) == 2
+    bucketed.run()  # batches of one size each; both sizes occur in an epoch
 
-        losses = {}
-        for cached in (False, True):
-            trainer = Trainer(TrainConfig(cache_latents=cached, steps=1, output_dir=str(tmp_path / f"c{cached}"), **common))
-            losses[cached] = trainer.train_step()[0]
-        assert (tmp_path / "cTrue" / "latent_cache.safetensors").is_file()
-        assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    losses = {}
+    for cached in (False, True):
+        trainer = Trainer(TrainConfig(cache_latents=cached, steps=1, output_dir=str(tmp_path / f"c{cached}"), **common))
+        losses[cached] = trainer.train_step()[0]
+    assert (tmp_path / "cTrue" / "latent_cache.safetensors").is_file()
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
-        vae = Trainer(TrainConfig(task="vae", eval_fraction=0.25, steps=1, output_dir=str(tmp_path / "v"), **common))
-        assert len(vae.source) == 6 and vae.task.eval_pixels.shape == (2, 3, 16, 16)
-    finally:
-        torch.set_num_threads(threads)
+    vae = Trainer(TrainConfig(task="vae", eval_fraction=0.25, steps=1, output_dir=str(tmp_path / "v"), **common))
+    assert len(vae.source) == 6 and vae.task.eval_pixels.shape == (2, 3, 16, 16)
+

@@ -17,15 +17,6 @@ from sdlab.train.ema import EMA
 from sdlab.train.loop import lr_factor
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The CI machine's 2 cores are shared: one thread avoids thrashing and keeps these tests fast.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config(tmp_path, **changes):
     values = dict(model="tiny", data="shapes", shapes_length=8, resolution=32, steps=2, batch_size=2, lr=1e-3,
                   save_every=0, log_every=1, output_dir=str(tmp_path / "run"), progress_bar=False,

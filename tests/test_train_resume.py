@@ -20,14 +20,6 @@ from sdlab.train.state import CheckpointManager
 
 STEPS = 8
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The CI machine's 2 cores are shared: one thread avoids thrashing; the subprocesses use one too.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 SCRIPT = textwrap.dedent("""
     import json, os, signal, sys
     import torch

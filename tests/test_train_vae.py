@@ -12,14 +12,6 @@ from sdlab.train import TrainConfig, Trainer
 from sdlab.train.vae import PatchDiscriminator, VAEObjective, kl_divergence, psnr
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_kl_divergence():
     mean, logvar = torch.zeros(2, 4, 3, 3), torch.zeros(2, 4, 3, 3)
     assert torch.equal(kl_divergence(mean, logvar), torch.zeros(2))

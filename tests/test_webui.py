@@ -9,23 +9,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from sdlab.server import ServerSettings, serve_in_thread
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no system chromium (apt-get install chromium)")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The tiny model gains nothing from a second thread, and where other processes share the 2 cores, two
-    OpenMP threads wait on each other (measured: 5.3 s instead of 0.4 s per image)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
