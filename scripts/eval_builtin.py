@@ -84,7 +84,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=5.0)
     parser.add_argument("--sampler", default="DPM++ 2M")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the images")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the images "
+                        "(image i of kind k: seed + 10000 k + i)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--time", action="store_true", help="also time one 64x64 image")
     parser.add_argument("--sheet", type=Path, help="write a 24-image contact sheet (8 per kind) here")
@@ -99,7 +100,8 @@ def main() -> None:
     for kind in args.kinds:
         prompts = eval_prompts(args.seed, args.n, kind)
         images = []
-        generate = make_generate_fn(model, params, args.seed)
+        # Each kind its own image seeds, so that prompt i of two kinds does not start from the same noise.
+        generate = make_generate_fn(model, params, args.seed + 10_000 * KINDS.index(kind))
 
         def keep(batch, generate=generate, images=images):
             out = generate(batch)

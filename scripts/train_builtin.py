@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 from sdlab.train import TrainConfig, Trainer
+from sdlab.train.loop import build_model
+from sdlab.train.state import CheckpointManager
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "sdlab" / "shapes" / "recipe"
@@ -54,20 +56,25 @@ def train(config: TrainConfig, out: Path, name: str) -> None:
 
 
 def ship(config: TrainConfig, target: Path, checkpoint: str | None = None) -> Path:
-    """Write the EMA weights of the newest (or the given) UNet checkpoint as an fp16 diffusers folder."""
-    trainer = Trainer(config.replace(resume=checkpoint is None))
-    if checkpoint is not None:
-        trainer.resume(checkpoint)
-    if trainer.step == 0:
+    """Write the EMA weights of the newest (or the given) UNet checkpoint as an fp16 diffusers folder.
+
+    Reads the checkpoint directly rather than through a Trainer, so shipping never touches the run's files
+    (a Trainer's resume would cut its loss log back to the checkpoint's step)."""
+    path = checkpoint or CheckpointManager(Path(config.output_dir) / "checkpoints", config.keep_last).latest()
+    if path is None:
         raise SystemExit(f"no UNet checkpoint in {config.output_dir}: train the 'unet' stage first")
-    if trainer.ema is not None:
-        trainer.ema.copy_to_params()
-    model = trainer.model.to(dtype=torch.float32)
-    for net in (model.unet, model.text_encoder, model.vae):
-        net.eval()
-    path = model.save(target, layout="diffusers", dtype=torch.float16, overwrite=True)
-    log.info("shipped step %d to %s", trainer.step, path)
-    return path
+    state = CheckpointManager.load(path)
+    model = build_model(config)
+    for name, weights in state["trained"].items():
+        getattr(model, name).load_state_dict(weights)
+    if state["ema"] is not None:  # shadow names are "<network>.<parameter>", as the objective names them
+        with torch.no_grad():
+            for key, value in state["ema"]["shadow"].items():
+                network, _, parameter = key.partition(".")
+                getattr(model, network).get_parameter(parameter).copy_(value)
+    saved = model.save(target, layout="diffusers", dtype=torch.float16, overwrite=True)
+    log.info("shipped %s (step %d, EMA weights) to %s", path, state["step"], saved)
+    return saved
 
 
 def main() -> None:
