@@ -22,7 +22,8 @@ Variants:
 Columns: "UNet step" is the median wall time of one UNet call (batch 2: conditional and unconditional);
 "end to end" the warm call (prompt encoding, sampling, VAE decode, to PIL), "first call" the first call
 after loading; "TFLOP/s" = FLOP of one UNet call (counted once with torch.utils.flop_counter on the meta
-device) / UNet step; "% of peak" divides by this machine's measured peak for the precision (--peak-*),
+device) / UNet step; "% of peak" divides by this machine's measured peak for the precision (--peak-*,
+for 2 cores; scaled down for --threads 1),
 "% of ceiling now" by the 3x3-conv throughput measured in the same process right after the run (on a shared
 machine that is what was actually available).
 """
@@ -45,6 +46,7 @@ NEGATIVE = "blurry, low quality"
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # Measured on the 2-core CPU machines (see docs/performance.md): fp32 3x3-conv ceiling, bf16 GEMM/conv ceiling.
 DEFAULT_PEAKS = {"fp32": 0.42, "bf16": 0.9}
+MACHINE_CORES = 2  # what DEFAULT_PEAKS were measured with; fewer threads get a proportional share
 
 
 # ---------------------------------------------------------------------------------------------- child side
@@ -213,7 +215,7 @@ def ensure_model(path: str | None) -> str:
 
 def run_child(spec: dict) -> dict:
     cmd = [sys.executable, __file__, "--child", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise RuntimeError(f"{spec['variant']} {spec['precision']} failed:\n{proc.stderr[-3000:]}")
@@ -233,9 +235,10 @@ def measure(args, model: str, workdir: str) -> dict:
     for repeat in range(args.repeats):
         for precision in args.precisions:
             for variant in args.variants:
-                spec = dict(variant=variant, precision=precision, model=model, device=args.device,
-                            size=args.size, steps=args.steps, cfg=args.cfg, seed=args.seed, gens=args.gens,
-                            threads=args.threads, image=os.path.join(workdir, f"{variant}_{precision}.npy"))
+                spec = {"variant": variant, "precision": precision, "model": model, "device": args.device,
+                        "size": args.size, "steps": args.steps, "cfg": args.cfg, "seed": args.seed,
+                        "gens": args.gens, "threads": args.threads,
+                        "image": os.path.join(workdir, f"{variant}_{precision}.npy")}
                 result = run_child(spec)
                 result["image"] = spec["image"]
                 runs.setdefault((variant, precision), []).append(result)
@@ -250,15 +253,17 @@ def _median(results: list[dict], key: str) -> float:
 
 
 def table(args, runs: dict, flop: float) -> str:
-    rows = ["| pipeline | precision | UNet step (s) | end to end (s) | first call (s) | load (s) | peak RSS (GB) "
-            "| UNet TFLOP/s | % of peak | % of ceiling now | time vs diffusers (step / e2e) | RSS vs diffusers "
-            "| max px diff vs diffusers |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    header = ("| pipeline | precision | UNet step (s) | end to end (s) | first call (s) | load (s) | peak RSS (GB) "
+              "| UNet TFLOP/s | % of peak | % of ceiling now | time vs diffusers (step / e2e) | RSS vs diffusers "
+              "| max px diff vs diffusers |")
+    rows = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (variant, precision), results in runs.items():
         keys = ("step_s", "e2e_s", "first_s", "load_s", "rss_gb", "ceiling_tflops")
         m = {key: _median(results, key) for key in keys}
         tflops = flop / m["step_s"] / 1e12
         peak = args.peaks.get(precision)
+        if peak and args.device == "cpu" and args.threads:  # the peaks are for both cores
+            peak *= min(args.threads, MACHINE_CORES) / MACHINE_CORES
         ref = runs.get(("diffusers", precision))
         ratio = rss = diff = "-"
         if ref and variant != "diffusers":
@@ -267,8 +272,11 @@ def table(args, runs: dict, flop: float) -> str:
             diff = str(pixel_diff(results[0]["image"], ref[0]["image"]))
         if precision != "fp32" and (variant, "fp32") in runs:
             diff += f" (vs its fp32: {pixel_diff(results[0]['image'], runs[(variant, 'fp32')][0]['image'])})"
+        memory = f"{m['rss_gb']:.2f}"
+        if "gpu_peak_gb" in results[0]:
+            memory += f" (GPU {_median(results, 'gpu_peak_gb'):.2f})"
         rows.append(f"| {variant} | {precision} | {m['step_s']:.3f} | {m['e2e_s']:.2f} | {m['first_s']:.2f} "
-                    f"| {m['load_s']:.1f} | {m['rss_gb']:.2f} | {tflops:.3f} "
+                    f"| {m['load_s']:.1f} | {memory} | {tflops:.3f} "
                     f"| {f'{100 * tflops / peak:.0f}%' if peak else '-'} "
                     f"| {100 * tflops / m['ceiling_tflops']:.0f}% | {ratio} | {rss} | {diff} |")
     return "\n".join(rows)
@@ -296,9 +304,9 @@ def parse_args(argv=None):
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     gpu = args.device == "cuda"
-    defaults = dict(size=(512 if gpu else 256), steps=(50 if gpu else 20), repeats=3)
+    defaults = {"size": 512 if gpu else 256, "steps": 50 if gpu else 20, "repeats": 3}
     if args.quick:
-        defaults = dict(size=128, steps=4, repeats=1)
+        defaults = {"size": 128, "steps": 4, "repeats": 1}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

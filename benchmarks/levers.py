@@ -3,6 +3,7 @@ decode, diffusers' networks against sdlab's with the levers switched on one at a
 
     python benchmarks/levers.py                          # fp32 and bf16, 256x256 (32x32 latents), 3 rounds
     python benchmarks/levers.py --dtypes bf16 --size 512 --rounds 5 --profile
+    python benchmarks/levers.py --dtypes bf16 --compile       # adds torch.compile: its compile time and speed
 
 Variants are timed round-robin (each round times every variant `--calls` times after one warm-up call), so
 that load from other processes on a shared machine spreads over all of them; the table gives medians.
@@ -21,14 +22,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from inference import ensure_model, unet_flop  # noqa: E402
+from inference import ensure_model, unet_flop
 
-import sdlab  # noqa: E402
-from sdlab import perf  # noqa: E402
-from sdlab.nn.layers import Attention  # noqa: E402
+import sdlab
+from sdlab import perf
+from sdlab.nn.layers import Attention
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-PEAKS = {"fp32": 0.42, "bf16": 0.9}
+PEAKS = {"fp32": 0.42, "bf16": 0.9}  # TFLOP/s of this 2-core machine (MEASUREMENTS.md)
 CATEGORIES = {  # profiler op name fragment -> category
     "convolution": "conv", "addmm": "matmul", "aten::mm": "matmul", "bmm": "matmul", "linear_pointwise": "matmul",
     "scaled_dot_product": "attention", "softmax": "attention", "group_norm": "norm", "layer_norm": "norm",
@@ -119,6 +120,19 @@ def profile_categories(fn) -> dict[str, float]:
     return totals
 
 
+def compile_row(model, x, t, context, flop: float, reference: float, clock) -> str:
+    """torch.compile (inductor, frozen weights) of the plain UNet: compile time and the compiled call."""
+    perf.unpack(model.unet)
+    compiled = perf.compile_unet(model.unet)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        compiled(x, t, context)
+        compile_s = time.perf_counter() - start
+        step = statistics.median(time_calls(lambda: compiled(x, t, context), 3, clock))
+    return (f"| torch.compile, no other lever (first call {compile_s:.0f} s wall) | {step:.3f} | {flop / step / 1e12:.3f} | - "
+            f"| {step / reference:.2f} | - | - |")
+
+
 def bench_dtype(args, folder: str, name: str) -> list[str]:
     dtype = DTYPES[name]
     ref_unet, ref_vae, model = load_networks(folder, dtype)
@@ -150,16 +164,20 @@ def bench_dtype(args, folder: str, name: str) -> list[str]:
             setup(**VARIANTS["sdlab, all levers"])()
             profiles["sdlab, all levers"] = profile_categories(sd_unet)
     flop = unet_flop(folder, args.size)
-    rows = [f"\n### {name}, {args.size}x{args.size}: one UNet call (batch 2, {flop / 1e12:.3f} TFLOP) and one VAE "
-            f"decode (batch 1); {args.clock} seconds, {args.threads} thread(s)\n",
+    title = (f"\n### {name}, {args.size}x{args.size}: one UNet call (batch 2, {flop / 1e12:.3f} TFLOP) and one VAE "
+             f"decode (batch 1); {args.clock} seconds, {args.threads} thread(s)\n")
+    rows = [title,
             "| variant | UNet call (s) | TFLOP/s | % of peak | vs diffusers | VAE decode (s) | vs diffusers |",
             "|---|---|---|---|---|---|---|"]
+    peak = PEAKS[name] * min(args.threads or 2, 2) / 2  # PEAKS are for both cores
     for label in unet_times:
         step = unet_times[label]
         tflops = flop / step / 1e12
-        rows.append(f"| {label} | {step:.3f} | {tflops:.3f} | {100 * tflops / PEAKS[name]:.0f}% "
+        rows.append(f"| {label} | {step:.3f} | {tflops:.3f} | {100 * tflops / peak:.0f}% "
                     f"| {step / unet_times['diffusers']:.2f} | {vae_times[label]:.3f} "
                     f"| {vae_times[label] / vae_times['diffusers']:.2f} |")
+    if args.compile:
+        rows.append(compile_row(model, x, t, context, flop, unet_times["diffusers"], CLOCKS[args.clock]))
     for label, totals in profiles.items():
         parts = ", ".join(f"{k} {v:.2f}s" for k, v in sorted(totals.items(), key=lambda kv: -kv[1]))
         rows.append(f"\nprofile of one UNet call, {label} (self CPU s): {parts}")
@@ -177,6 +195,7 @@ def main(argv=None) -> int:
     p.add_argument("--clock", choices=list(CLOCKS), default="wall",
                    help="cpu = process CPU time: with --threads 1, robust to other processes sharing the cores")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of the UNet (minutes)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

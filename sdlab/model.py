@@ -21,6 +21,7 @@ from .errors import CheckpointError
 from .nn.clip import TextEncoder
 from .nn.unet import UNet
 from .nn.vae import VAE
+from .perf import convert_dtype
 from .tokenizer import CLIPTokenizer
 
 log = logging.getLogger(__name__)
@@ -158,8 +159,11 @@ def _assign(net: nn.Module, state: dict[str, torch.Tensor], dtype, device, *, wh
     if wrong:
         key, got, want = wrong[0]
         raise CheckpointError(f"{where}: {len(wrong)} tensors have the wrong shape, e.g. {key}: {got}, expected {want}")
-    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+    # Assign the (memory-mapped) tensors as they are, then convert one tensor at a time, releasing each
+    # source's pages: converting the whole dict first would hold the fp32 file and its copy at once (perf edit).
     net.load_state_dict(state, strict=True, assign=True)
+    convert_dtype(net, dtype)
+    net.to(device=device)
     leftover = [name for name, b in net.named_buffers() if b.is_meta]
     if leftover:
         raise CheckpointError(f"{where}: buffers not initialised by the checkpoint: {leftover}")

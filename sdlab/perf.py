@@ -7,13 +7,14 @@ switch them one at a time and docs/performance.md reports what each is worth on 
 - `convert_dtype`: weights to bf16/fp16, one tensor at a time, so that peak memory is the converted model
   plus one tensor (converting a whole memory-mapped fp32 state dict at once holds both copies);
 - `to_channels_last`: NHWC activations for the convolutions (oneDNN's native layout; the transformers'
-  NCHW <-> token permutes become free views);
+  NCHW <-> token permutes become free views); implied by `prepack`;
 - `prepack`: conv and linear weights reordered once into oneDNN's blocked layout, instead of at every call
-  as torch's eager ops do (that reorder dominates the deep, small-spatial layers: 2-4x on a 1280-channel
-  conv at 8x8), and linears through oneDNN rather than MKL (whose sgemm does not use AVX-512 on AMD CPUs).
-  Bit-identical convolutions; state_dict() unpacks the weights, so saving still works;
-- `upcast_attention`: compute attention in fp32 under bf16 weights (torch's CPU flash-attention kernel is
-  slower in bf16 than in fp32 at SD's head sizes of 40-160, and fp32 is more accurate too);
+  as torch's eager ops do. That per-call reorder dominates the deep, small-spatial layers (a 1280-channel
+  3x3 conv at 8x8 runs 2x faster packed, at 4x4 4x), and oneDNN's matmul measured 15-50% faster than
+  torch's default fp32 linear (MKL) on the AMD CPUs here. Convolutions stay bit-identical; state_dict()
+  unpacks the weights, so saving still works;
+- `upcast_attention`: attention in fp32 under bf16 weights: torch's CPU flash-attention kernel is as fast
+  in fp32 at SD's head sizes (its softmax dominates, not the matmuls), and fp32 is more accurate;
 - `compile_unet`: torch.compile (inductor) of the UNet. Works offline (it needs a C++ compiler), but costs
   minutes of compilation on a small CPU; off by default.
 
@@ -28,6 +29,7 @@ import logging
 import os
 import sys
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,8 +49,9 @@ def optimize(model, dtype: torch.dtype | None = None, *, channels_last: bool = T
     """Apply the inference levers to `model` in place and return it.
 
     dtype: convert the weights (None keeps them; torch.bfloat16 is ~2x faster on CPUs with AVX-512 BF16).
-    attention_upcast: None = on for bf16/fp16 CPU models (faster there); False leaves each attention as its
-    config says (never turns off the upcast SD 2.1 needs).
+    attention_upcast: None = on for bf16/fp16 CPU models (as fast there, and more accurate); False leaves
+    each attention as its config says (never turns off the upcast SD 2.1 needs).
+    compile: torch.compile the UNet instead of packing its weights (inductor packs them itself).
     """
     if dtype is not None:
         if dtype not in _DTYPES:
@@ -57,12 +60,11 @@ def optimize(model, dtype: torch.dtype | None = None, *, channels_last: bool = T
             convert_dtype(getattr(model, name), dtype)
     on_cpu = model.device.type == "cpu"
     packing = prepack_weights and on_cpu and model.dtype in _PACKABLE and torch.backends.mkldnn.is_available()
-    if packing:  # packed convolutions take and give channels_last activations by themselves
-        prepack(model.unet)
-        prepack(model.vae)
-    elif channels_last:
-        to_channels_last(model.unet)
-        to_channels_last(model.vae)
+    for net in (model.unet, model.vae):
+        if packing and not (compile and net is model.unet):
+            prepack(net)  # packed convolutions take and give channels_last activations by themselves
+        elif channels_last:
+            to_channels_last(net)
     if attention_upcast is None:
         attention_upcast = on_cpu and model.dtype in (torch.bfloat16, torch.float16)
     if attention_upcast:  # never switched off here: SD 2.1 needs it in fp16
@@ -70,6 +72,8 @@ def optimize(model, dtype: torch.dtype | None = None, *, channels_last: bool = T
         upcast_attention(model.vae)
     if compile:
         model.unet = compile_unet(model.unet)
+    log.debug("optimize: dtype %s, packed weights %s, attention upcast %s, compiled %s",
+              model.dtype, packing, attention_upcast, compile)
     return model
 
 
@@ -88,25 +92,44 @@ def convert_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     return module
 
 
-_MADV_PAGEOUT = 21  # Linux >= 5.4
+_MADV_DONTNEED, _MADV_PAGEOUT = 4, 21  # Linux; PAGEOUT since 5.4
+_PAGEMAP_PRESENT, _PAGEMAP_SWAPPED, _PAGEMAP_FILE = 1 << 63, 1 << 62, 1 << 61
 
 
 def release_pages(tensor: torch.Tensor) -> None:
-    """Let the kernel reclaim the pages of a memory-mapped checkpoint tensor that was just replaced.
+    """Take a memory-mapped checkpoint tensor that was just replaced out of this process's resident memory.
 
     Loading memory-maps the weight files: a tensor's pages become resident when first read, and stay so
     while any tensor of the same file is alive (one mapping per file). Converting or packing the weights one
-    by one would thus hold the whole file plus the new copy. MADV_PAGEOUT drops clean file pages (they are
-    re-read from the file if ever touched again) and cannot lose data: modified (copy-on-write) pages are
-    only ever swapped out. A no-op for tensors not in a file mapping and on systems without madvise.
+    by one would thus hold the whole file plus the new copy. If every resident page of the tensor is still
+    the file's own (unmodified), MADV_DONTNEED unmaps them, leaving them in the page cache for the next
+    load; otherwise MADV_PAGEOUT, which never loses data (modified pages can only be swapped out). A no-op
+    for tensors outside file mappings and on systems without madvise.
     """
     if not sys.platform.startswith("linux") or tensor.device.type != "cpu":
         return
-    start, size = tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes()
+    start, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()  # contiguous checkpoint tensors
     page = os.sysconf("SC_PAGE_SIZE")
     first, last = -(-start // page) * page, (start + size) // page * page  # whole pages inside the tensor
-    if last > first and _in_file_mapping(start):
-        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
+    if last <= first or not _in_file_mapping(start):
+        return
+    advice = _MADV_DONTNEED if _unmodified_file_pages(first, last, page) else _MADV_PAGEOUT
+    _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), advice)
+
+
+def _unmodified_file_pages(first: int, last: int, page: int) -> bool:
+    """Whether no page in [first, last) was copied on write (per /proc/self/pagemap: a page of a private
+    file mapping that was written to turns anonymous, and may since have been swapped out)."""
+    try:
+        with open("/proc/self/pagemap", "rb") as pagemap:
+            pagemap.seek(first // page * 8)
+            entries = np.frombuffer(pagemap.read((last - first) // page * 8), dtype=np.uint64)
+    except OSError:
+        return False
+    present = (entries & np.uint64(_PAGEMAP_PRESENT)) != 0
+    swapped = (entries & np.uint64(_PAGEMAP_SWAPPED)) != 0
+    file_page = (entries & np.uint64(_PAGEMAP_FILE)) != 0
+    return bool(np.all(np.where(present, file_page, ~swapped)))
 
 
 def _in_file_mapping(address: int) -> bool:
@@ -186,9 +209,8 @@ class PackedConv2d(_PackedWeight, nn.Conv2d):
     _plain = nn.Conv2d
 
     def _reorder(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        weight = weight.contiguous(memory_format=torch.channels_last).to_mkldnn()
         return torch._C._nn.mkldnn_reorder_conv2d_weight(
-            weight, list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape))
+            weight.contiguous().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fast(x) or isinstance(self.padding, str) or self.padding_mode != "zeros":

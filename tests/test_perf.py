@@ -116,3 +116,33 @@ def test_benchmark_quick_run_on_a_tiny_model(tmp_path, capsys):
         assert row in table
     fp32_row = next(line for line in table.splitlines() if line.startswith("| sdlab | fp32 |"))
     assert fp32_row.split("|")[-2].strip() in ("0", "1")  # sdlab fp32 == diffusers fp32 to 1/255
+
+
+def test_loading_in_bf16_converts_every_weight_exactly(tmp_path):
+    model = _model()
+    folder = model.save(tmp_path / "m")
+    loaded = sdlab.load(folder, dtype=torch.bfloat16)
+    for name in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(loaded, name).state_dict(), getattr(model, name).state_dict()
+        for key, value in theirs.items():
+            expected = value.to(torch.bfloat16) if value.is_floating_point() else value
+            assert ours[key].dtype == expected.dtype and torch.equal(ours[key], expected), key
+
+
+def test_release_pages_keeps_a_memory_mapped_tensor_readable(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_file({"w": torch.arange(1 << 20, dtype=torch.float32)}, tmp_path / "w.safetensors")
+    w = load_file(tmp_path / "w.safetensors")["w"]
+    total = float(w.sum())
+    perf.release_pages(w)  # the pages are dropped, not the data: it is read from the file again
+    assert float(w.sum()) == total
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip on machines without CUDA")
+def test_gpu_benchmark_skips_cleanly_without_cuda(capsys):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import inference
+
+    assert inference.main(["--device", "cuda"]) == 0
+    assert "CUDA is not available" in capsys.readouterr().out

@@ -236,10 +236,11 @@ def test_lists(client):
     assert {"name": "Euler a", "aliases": ["euler_ancestral", "euler_a"]}.items() <= samplers[1].items()
     schedulers = client.get("/sdapi/v1/schedulers").json()
     assert {"name": "karras", "label": "Karras"}.items() <= schedulers[2].items()
-    models = client.get("/sdapi/v1/sd-models").json()
-    assert models[0]["model_name"] == "random:tiny" and len(models[0]["hash"]) == 10
+    models = {m["model_name"]: m for m in client.get("/sdapi/v1/sd-models").json()}
+    assert set(models) == {"builtin", "random:tiny"}  # the shipped model is always offered by name
+    assert len(models["random:tiny"]["hash"]) == 10
     options = client.get("/sdapi/v1/options").json()
-    assert options["sd_model_checkpoint"] == models[0]["title"] and options["sdlab_native_size"] == 64
+    assert options["sd_model_checkpoint"] == models["random:tiny"]["title"] and options["sdlab_native_size"] == 64
 
 
 def test_options_accept_only_the_model_and_only_by_name(tmp_path):
@@ -251,8 +252,9 @@ def test_options_accept_only_the_model_and_only_by_name(tmp_path):
     app = create_app(ServerSettings(model="random:tiny", models_dir=tmp_path))
     with TestClient(app) as c:
         names = [m["model_name"] for m in c.get("/sdapi/v1/sd-models").json()]
-        assert names == ["random:tiny", "other"]
-        assert all(m["filename"] in ("random:tiny", "other.safetensors") for m in c.get("/sdapi/v1/sd-models").json())
+        assert names == ["builtin", "random:tiny", "other"]
+        assert all(m["filename"] in ("builtin", "random:tiny", "other.safetensors")
+                   for m in c.get("/sdapi/v1/sd-models").json())
         r = c.post("/sdapi/v1/options", json={"sd_model_checkpoint": str(tmp_path / "other.safetensors")})
         assert r.status_code == 422 and "unknown model" in r.json()["detail"]
         r = c.post("/sdapi/v1/options", json={"outdir_samples": "/tmp"})
