@@ -110,9 +110,9 @@ def test_benchmark_quick_run_on_a_tiny_model(tmp_path, capsys):
     folder = _model().save(tmp_path / "tiny")
     out = tmp_path / "table.md"
     inference.main(["--quick", "--model", str(folder), "--size", "64", "--steps", "2", "--gens", "1",
-                    "--threads", "1", "--markdown", str(out)])
+                    "--threads", "1", "--precisions", "fp32", "--markdown", str(out)])
     table = out.read_text()
-    for row in ("| sdlab | fp32 |", "| diffusers | fp32 |", "| sdlab | bf16 |", "| diffusers | bf16 |"):
+    for row in ("| sdlab | fp32 |", "| diffusers | fp32 |"):
         assert row in table
     fp32_row = next(line for line in table.splitlines() if line.startswith("| sdlab | fp32 |"))
     assert fp32_row.split("|")[-2].strip() in ("0", "1")  # sdlab fp32 == diffusers fp32 to 1/255
