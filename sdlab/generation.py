@@ -139,11 +139,12 @@ def _first_step(params: GenerationParams) -> int:
 
 def _contexts(model, prompts, negatives, params):
     """(cond, uncond) contexts (B, 77 N, D); uncond is None when guidance is off (scale 1)."""
+    texts = prompts if params.cfg_scale == 1.0 else negatives + prompts
+    contexts = encode_prompts(model, texts, params.clip_skip)
+    _check_finite(contexts, "the text encoder's output")
     if params.cfg_scale == 1.0:
-        return encode_prompts(model, prompts, params.clip_skip), None
-    both = encode_prompts(model, negatives + prompts, params.clip_skip)
-    uncond, cond = both.chunk(2)
-    _check_finite(cond, "the text encoder's output")
+        return contexts, None
+    uncond, cond = contexts.chunk(2)
     return cond, uncond
 
 
