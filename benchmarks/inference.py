@@ -18,6 +18,8 @@ Variants:
   sdlab         sdlab.load(...) then sdlab.perf.optimize(model, dtype=...): the fast path
   sdlab-plain   sdlab.load(..., dtype=...) with nothing else: what the default path gives
   sdlab-compile the fast path plus torch.compile of the UNet (compile time shows in "first call")
+  sdlab-deepcache3, sdlab-tome50   the fast path plus an opt-in speedup that changes the image (DeepCache with
+                the whole UNet every 3rd step; token merging of half the top level's tokens)
 
 Columns: "UNet step" is the median wall time of one UNet call (batch 2: conditional and unconditional);
 "end to end" the warm call (prompt encoding, sampling, VAE decode, to PIL), "first call" the first call
@@ -44,6 +46,9 @@ from pathlib import Path
 PROMPT = "a watercolor painting of a lighthouse on a cliff at dusk"
 NEGATIVE = "blurry, low quality"
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# Opt-in speedups that change the image (the fast path plus these GenerationParams); their cost in prompt
+# adherence is measured on the built-in model by benchmarks/quality_speedups.py.
+QUALITY_TRADES = {"sdlab-deepcache3": {"deepcache": 3}, "sdlab-tome50": {"token_merging": 0.5}}
 # Measured on the 2-core CPU machines (see docs/performance.md): fp32 3x3-conv ceiling, bf16 GEMM/conv ceiling.
 DEFAULT_PEAKS = {"fp32": 0.42, "bf16": 0.9}
 MACHINE_CORES = 2  # what DEFAULT_PEAKS were measured with; fewer threads get a proportional share
@@ -60,15 +65,16 @@ def _set_threads(threads: int) -> None:
 
 
 class StepTimer:
-    """Times every call of a network (forward pre/post hooks), synchronising the GPU when there is one."""
+    """Times every call of a network (forward pre/post hooks), synchronising the GPU when there is one.
+    `last` (default: `module`) is the submodule whose end ends a call."""
 
-    def __init__(self, module, device: str):
+    def __init__(self, module, device: str, last=None):
         import torch
 
         self.times: list[float] = []
         self._sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         module.register_forward_pre_hook(self._start)
-        module.register_forward_hook(self._stop)
+        (last or module).register_forward_hook(self._stop)
 
     def _start(self, *_):
         self._sync()
@@ -117,10 +123,14 @@ def _load_sdlab(spec: dict):
     else:
         model = sdlab.load(spec["model"], device=spec["device"])
         model = perf.optimize(model, dtype=dtype, compile=variant == "sdlab-compile")
-    timer = StepTimer(model.unet, spec["device"])
+    speedup = QUALITY_TRADES.get(variant, {})
+    if "deepcache" in speedup:  # its shallow calls skip UNet.forward: time from conv_in to conv_out instead
+        timer = StepTimer(model.unet.conv_in, spec["device"], last=model.unet.conv_out)
+    else:
+        timer = StepTimer(model.unet, spec["device"])
     params = sdlab.GenerationParams(prompt=PROMPT, negative_prompt=NEGATIVE, width=spec["size"], height=spec["size"],
                                     steps=spec["steps"], sampler="DPM++ 2M", schedule="automatic",
-                                    cfg_scale=spec["cfg"])
+                                    cfg_scale=spec["cfg"], **speedup)
 
     def run(seed):
         generator = torch.Generator().manual_seed(seed)

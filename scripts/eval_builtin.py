@@ -83,7 +83,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/builtin-eval"))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=5.0)
-    parser.add_argument("--sampler", default="DPM++ 2M")
+    parser.add_argument("--sampler", default=GenerationParams.sampler)
+    parser.add_argument("--schedule", default=GenerationParams.schedule)
+    parser.add_argument("--deepcache", type=int, default=1, help="opt-in speedup (see sdlab.deepcache); 1 = off")
+    parser.add_argument("--token-merging", type=float, default=0.0, help="opt-in speedup (sdlab.tome); 0 = off")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the images "
                         "(image i of kind k: seed + 10000 k + i)")
     parser.add_argument("--threads", type=int, default=1)
@@ -93,9 +96,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     model = Model.from_name(args.model)
-    params = GenerationParams(steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler)
+    params = GenerationParams(steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler, schedule=args.schedule,
+                              deepcache=args.deepcache, token_merging=args.token_merging)
     summary = {"model": str(model.source), "n": args.n, "steps": args.steps, "cfg": args.cfg,
-               "sampler": args.sampler, "seed": args.seed, "accuracy": {}, "targets": {}}
+               "sampler": args.sampler, "schedule": args.schedule, "deepcache": args.deepcache,
+               "token_merging": args.token_merging, "seed": args.seed, "accuracy": {}, "targets": {}}
     sheet_images, sheet_labels = [], []
     for kind in args.kinds:
         prompts = eval_prompts(args.seed, args.n, kind)

@@ -51,6 +51,10 @@ PARAM_FLAGS = {
     "batch_size": ("--batch", "images per prompt"),
     "clip_skip": ("--clip-skip", "text encoder layer to condition on, counted from the end (A1111's)"),
     "eta": ("--eta", "noise amount for DDIM / ancestral samplers (default: the sampler's)"),
+    "token_merging": ("--token-merging", "fraction of tokens merged before the top level's self-attention, "
+                                         "0-0.75 (faster, slightly different images)"),
+    "deepcache": ("--deepcache", "N > 1: the whole UNet only every N-th step, cached deep features between "
+                                 "(faster, slightly different images)"),
 }
 IMAGE_FLAGS = {"strength": ("--strength", "img2img: fraction of the schedule to run (1 = ignore the image)")}
 
@@ -128,6 +132,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="compute dtype (default: fp32)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--tiny-vae", type=Path, help="decode with this tiny VAE decoder (TAESD: a diffusers "
+                   "AutoencoderTiny folder or taesd_decoder.safetensors): faster, slightly softer images")
 
 
 def _add_train(sub, common) -> None:
@@ -277,6 +283,10 @@ def _load_model(args, png_fields: dict):
             raise ParameterError(f"the PNG was made with model {png_name!r}: pass its file with --model")
         name = png_name
     model = Model.from_name(name, device=args.device, dtype=DTYPES[args.dtype]).to(args.device)
+    if getattr(args, "tiny_vae", None) is not None:
+        from .nn.tiny_vae import load_tiny_decoder
+
+        model.tiny_decoder = load_tiny_decoder(args.tiny_vae, dtype=DTYPES[args.dtype]).to(args.device)
     info = ModelInfo(model_display_name(name), short_hash(model_sha256(model)))
     wanted = png_fields.get("Model hash")
     if wanted and wanted != info.hash:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from . import rng
 from .conditioning import encode_prompts
+from .deepcache import DeepCacheUNet
 from .diffusion.denoisers import GuidedDenoiser, MaskedDenoiser, ModelDenoiser
 from .diffusion.registry import SamplerSpec, get_sampler, with_options
 from .diffusion.samplers import SamplingInterrupted
@@ -39,6 +40,7 @@ from .images import to_mask, to_pil, to_pixels
 from .lora import apply_lora, find_lora
 from .params import GenerationParams
 from .prompts import extract_lora_tags
+from .tome import token_merging
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +105,8 @@ def sample_batch(model, prompts: list[str], negatives: list[str], params: Genera
     sigmas = spec.make_sigmas(schedule, params.steps, schedule=params.schedule.lower(),
                               spacing=train.timestep_spacing, steps_offset=train.steps_offset)
     start = _first_step(params)
-    denoiser = ModelDenoiser(model.unet, schedule, model.config.prediction, quantize=spec.quantize(params.schedule))
+    unet = model.unet if params.deepcache == 1 else DeepCacheUNet(model.unet, params.deepcache)
+    denoiser = ModelDenoiser(unet, schedule, model.config.prediction, quantize=spec.quantize(params.schedule))
     cond, uncond = _contexts(model, prompts, negatives, params)
     x, denoiser = _start(model, params, denoiser, cond, uncond, spec, sigmas, start, generator)
     sigmas = sigmas[start:]
@@ -111,7 +114,8 @@ def sample_batch(model, prompts: list[str], negatives: list[str], params: Genera
     interrupted = False
     try:
         if len(sigmas) > 1:
-            x = spec.sample(denoiser, x, sigmas, generator=generator, callback=watcher, interrupt=interrupt)
+            with token_merging(model.unet, params.token_merging):
+                x = spec.sample(denoiser, x, sigmas, generator=generator, callback=watcher, interrupt=interrupt)
     except SamplingInterrupted as stop:
         x, interrupted = (stop.denoised if stop.denoised is not None else stop.x), True
     latents = ve_to_vp(x, sigmas[-1]) if not interrupted else x
@@ -205,8 +209,10 @@ def encode_image(model, pixels: torch.Tensor, batch: int, generator: rng.Generat
 def decode_latents(model, latents: torch.Tensor) -> list:
     """Scaled latents (B, 4, h, w) -> B PIL images."""
     cfg = model.config.vae
-    z = latents.to(model.dtype) / cfg.scaling_factor + cfg.shift_factor
-    pixels = model.vae.decode(z)
+    if model.tiny_decoder is not None:  # TAESD decodes the UNet's latents as they are
+        pixels = model.tiny_decoder(latents.to(next(model.tiny_decoder.parameters()).dtype))
+    else:
+        pixels = model.vae.decode(latents.to(model.dtype) / cfg.scaling_factor + cfg.shift_factor)
     _check_finite(pixels, "the VAE decoder's output")
     return to_pil(pixels)
 

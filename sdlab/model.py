@@ -39,6 +39,8 @@ class Model:
     unet: UNet
     vae: VAE
     source: Path | None = None  # the file or folder it was loaded from
+    # Opt-in: decode with a tiny VAE decoder (TAESD, `sdlab.nn.tiny_vae.load_tiny_decoder`) instead of `vae`.
+    tiny_decoder: nn.Module | None = None
 
     @classmethod
     def build(cls, config: ModelConfig, *, device="cpu", dtype=torch.float32) -> Model:
@@ -108,6 +110,8 @@ class Model:
     def to(self, device=None, dtype=None) -> Model:
         for name in COMPONENTS:
             getattr(self, name).to(device=device, dtype=dtype)
+        if self.tiny_decoder is not None:
+            self.tiny_decoder.to(device=device, dtype=dtype)
         return self
 
     @property

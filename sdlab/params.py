@@ -20,6 +20,7 @@ from .errors import ParameterError
 MAX_SIDE = 4096
 MAX_BATCH = 64
 MAX_STEPS = 1000
+MAX_TOKEN_MERGING = 0.75  # every source token of each 2x2 cell merged (sdlab.tome)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,12 @@ class GenerationParams:
     eta: float | None = None  # DDIM / ancestral noise amount; None = the sampler's default
     # LoRA adapters merged for this request: (file path or name, weight); `<lora:name:w>` prompt tags add more.
     loras: tuple[tuple[str, float], ...] = ()
+    # Opt-in speedup that costs some quality: run the whole UNet only every `deepcache`-th evaluation and
+    # reuse its deep features in between (DeepCache, see sdlab.deepcache). 1 = off.
+    deepcache: int = 1
+    # Opt-in speedup that costs some quality: merge this fraction of the tokens before self-attention at the
+    # highest-resolution attention level (ToMe for SD, see sdlab.tome). 0 = off, at most 0.75.
+    token_merging: float = 0.0
 
     @property
     def mode(self) -> str:
@@ -87,11 +94,13 @@ class GenerationParams:
         _check_int("steps", self.steps, 1, MAX_STEPS)
         _check_int("batch_size", self.batch_size, 1, MAX_BATCH)
         _check_int("clip_skip", self.clip_skip, 1, config.text_encoder.num_layers)
+        _check_int("deepcache", self.deepcache, 1, MAX_STEPS)
         if self.seed is not None:
             _check_int("seed", self.seed, 0, 2**64 - 1 - MAX_BATCH)
         _check_range("cfg_scale", self.cfg_scale, 0.0, 100.0)
         _check_range("guidance_rescale", self.guidance_rescale, 0.0, 1.0)
         _check_range("strength", self.strength, 0.0, 1.0)
+        _check_range("token_merging", self.token_merging, 0.0, MAX_TOKEN_MERGING)
         if self.eta is not None:
             _check_range("eta", self.eta, 0.0, 10.0)
         get_sampler(self.sampler)  # raises, listing the valid names

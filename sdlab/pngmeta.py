@@ -97,6 +97,10 @@ def _fields(params: GenerationParams, model: ModelInfo | None, index: int) -> di
         fields["Eta"] = _number(params.eta)
     if params.guidance_rescale:
         fields["Guidance rescale"] = _number(params.guidance_rescale)
+    if params.token_merging:
+        fields["Token merging ratio"] = _number(params.token_merging)
+    if params.deepcache != 1:
+        fields["DeepCache"] = params.deepcache
     fields["Version"] = VERSION
     return fields
 
@@ -206,7 +210,8 @@ def schedule_name(label: str) -> str:
 _NUMBERS = {  # A1111 field -> (GenerationParams field, type)
     "Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
     "Clip skip": ("clip_skip", int), "Denoising strength": ("strength", float), "Eta": ("eta", float),
-    "Guidance rescale": ("guidance_rescale", float),
+    "Guidance rescale": ("guidance_rescale", float), "DeepCache": ("deepcache", int),
+    "Token merging ratio": ("token_merging", float),
 }  # fmt: skip
 
 

@@ -165,10 +165,16 @@ class TransformerBlock(nn.Module):
         self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim, upcast=upcast)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
+        self.token_merger = None  # opt-in token merging before self-attention (set by sdlab.tome)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x: (B, H*W, dim), context: (B, T, context_dim) -> (B, H*W, dim)."""
-        x = x + self.attn1(self.norm1(x))
+    def forward(self, x: torch.Tensor, context: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """x: (B, H*W, dim), context: (B, T, context_dim) -> (B, H*W, dim); size = (H, W)."""
+        h = self.norm1(x)
+        if self.token_merger is not None and size is not None:
+            merge, unmerge = self.token_merger.plan(h, size)
+            x = x + unmerge(self.attn1(merge(h)))  # attention over fewer tokens, then one output per token
+        else:
+            x = x + self.attn1(h)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -205,7 +211,7 @@ class SpatialTransformer(nn.Module):
         """x: (B, C, H, W), context: (B, T, context_dim) -> (B, C, H, W)."""
         h = self._project_in(self.norm(x))  # (B, H*W, C)
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = block(h, context, size=x.shape[-2:])
         return x + self._project_out(h, x.shape)
 
     def _project_in(self, h: torch.Tensor) -> torch.Tensor:

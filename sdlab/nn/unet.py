@@ -48,14 +48,14 @@ class DownLevel(nn.Module):
         is_last = level == len(cfg.channels) - 1
         self.downsamplers = nn.ModuleList([] if is_last else [Downsample(out_ch)])
 
-    def forward(self, x, temb, context) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, x, temb, context, downsample: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
         for i, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
             if self.attentions:
                 x = self.attentions[i](x, context)
             skips.append(x)
-        for down in self.downsamplers:
+        for down in self.downsamplers if downsample else ():
             x = down(x)
             skips.append(x)
         return x, skips
@@ -127,6 +127,16 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_features(x, t, context)[0]
+
+    def forward_with_features(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
+                              deep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prediction and the deep features: what the deeper levels hand the last up level, (B, C1, h, w).
+
+        Given `deep` (from an earlier call at a nearby timestep), only the first encoder level and the last
+        decoder level run, with `deep` standing in for everything below them: DeepCache (Ma et al. 2023),
+        which relies on the deep features changing slowly from one sampling step to the next.
+        """
         self._check_inputs(x, context)
         t = _batch_timesteps(t, x.shape[0], x.device)  # (B,)
         emb = timestep_embedding(t, self.cfg.channels[0]).to(x.dtype)  # (B, C0)
@@ -135,17 +145,21 @@ class UNet(nn.Module):
 
         x = self.conv_in(x)
         skips = [x]
-        for level in self.down_blocks:
-            x, level_skips = level(x, temb, context)
-            skips += level_skips
-        x = self.mid_block(x, temb, context)
-        for level in self.up_blocks:
-            n = len(level.resnets)
-            level_skips, skips = skips[-n:], skips[:-n]
-            # Upsample to the next skip's size rather than 2x, so odd sizes round-trip.
-            out_size = skips[-1].shape[-2:] if skips else None
-            x = level(x, level_skips, temb, context, out_size)
-        return self.conv_out(silu(self.conv_norm_out(x)))
+        if deep is None:
+            for level in self.down_blocks:
+                x, level_skips = level(x, temb, context)
+                skips += level_skips
+            x = self.mid_block(x, temb, context)
+            for level in self.up_blocks[:-1]:
+                n = len(level.resnets)
+                level_skips, skips = skips[-n:], skips[:-n]
+                # Upsample to the next skip's size rather than 2x, so odd sizes round-trip.
+                x = level(x, level_skips, temb, context, out_size=skips[-1].shape[-2:])
+            deep = x
+        else:
+            skips += self.down_blocks[0](x, temb, context, downsample=False)[1]
+        x = self.up_blocks[-1](deep, skips, temb, context)
+        return self.conv_out(silu(self.conv_norm_out(x))), deep
 
     def _check_inputs(self, x: torch.Tensor, context: torch.Tensor) -> None:
         cfg = self.cfg

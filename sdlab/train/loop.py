@@ -123,8 +123,10 @@ class Trainer:
         self.task = self._make_task()
         self.task.objective.to(self.dist.device)  # its own buffers and modules (schedule, discriminator)
         self.params = {n: p for n, p in self.task.objective.named_parameters() if p.requires_grad}
+        # fused=True: one kernel per step instead of ~10 per tensor (a tenth of a small model's step time).
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=config.lr, betas=config.adam_betas,
-                                           eps=config.adam_eps, weight_decay=config.weight_decay)
+                                           eps=config.adam_eps, weight_decay=config.weight_decay,
+                                           fused=self.dist.device.type in ("cpu", "cuda"))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(config, s))
         self.ema = EMA(self.params, config.ema_decay) if config.ema_decay > 0 else None
         self.global_batch = config.batch_size * self.dist.world_size
