@@ -22,7 +22,7 @@ import torch
 from sdlab import rng
 from sdlab.generation import sample_batch
 from sdlab.model import Model
-from sdlab.params import GenerationParams
+from sdlab.params import GenerationParams, default_schedule
 from sdlab.shapes import ATTRIBUTES, contact_sheet, eval_prompts, run_eval
 
 KINDS = ("single", "relation", "heldout")
@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=5.0)
     parser.add_argument("--sampler", default=GenerationParams.sampler)
-    parser.add_argument("--schedule", default=GenerationParams.schedule)
+    parser.add_argument("--schedule", help="default: the model's (karras; automatic for zero-terminal-SNR models)")
     parser.add_argument("--deepcache", type=int, default=1, help="opt-in speedup (see sdlab.deepcache); 1 = off")
     parser.add_argument("--token-merging", type=float, default=0.0, help="opt-in speedup (sdlab.tome); 0 = off")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the images "
@@ -99,7 +99,7 @@ def main() -> None:
     params = GenerationParams(steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler, schedule=args.schedule,
                               deepcache=args.deepcache, token_merging=args.token_merging)
     summary = {"model": str(model.source), "n": args.n, "steps": args.steps, "cfg": args.cfg,
-               "sampler": args.sampler, "schedule": args.schedule, "deepcache": args.deepcache,
+               "sampler": args.sampler, "schedule": args.schedule or default_schedule(model.config), "deepcache": args.deepcache,
                "token_merging": args.token_merging, "seed": args.seed, "accuracy": {}, "targets": {}}
     sheet_images, sheet_labels = [], []
     for kind in args.kinds:

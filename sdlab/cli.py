@@ -44,7 +44,8 @@ PARAM_FLAGS = {
     "negative_prompt": ("--negative", "what the image should not show"),
     "steps": ("--steps", "sampler steps"),
     "sampler": ("--sampler", "sampler name or key (list: `sdlab samplers`)"),
-    "schedule": ("--schedule", f"sigma schedule: {', '.join(SCHEDULES)}"),
+    "schedule": ("--schedule", f"sigma schedule: {', '.join(SCHEDULES)} (default: karras; automatic for "
+                               "zero-terminal-SNR models)"),
     "cfg_scale": ("--cfg", "classifier-free guidance scale (1 = no guidance)"),
     "guidance_rescale": ("--guidance-rescale", "CFG rescale phi (Lin et al. 2023), 0 = off"),
     "seed": ("--seed", "random seed; image i of a batch uses seed + i (default: random)"),

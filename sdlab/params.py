@@ -40,7 +40,7 @@ class GenerationParams:
     height: int | None = None
     steps: int = 20
     sampler: str = "DPM++ 2M"
-    schedule: str = "karras"
+    schedule: str | None = None  # None: the model's default, see `default_schedule`
     cfg_scale: float = 7.0
     guidance_rescale: float = 0.0
     seed: int | None = None
@@ -75,6 +75,7 @@ class GenerationParams:
             width=self.width if self.width is not None else _side(self.init_image, 0, size),
             height=self.height if self.height is not None else _side(self.init_image, 1, size),
             seed=self.seed if self.seed is not None else random.randrange(2**32),
+            schedule=self.schedule if self.schedule is not None else default_schedule(config),
         )
         params.validate(config)
         return params
@@ -104,7 +105,7 @@ class GenerationParams:
         if self.eta is not None:
             _check_range("eta", self.eta, 0.0, 10.0)
         get_sampler(self.sampler)  # raises, listing the valid names
-        if self.schedule.lower() not in SCHEDULES:
+        if self.schedule is not None and self.schedule.lower() not in SCHEDULES:
             raise ParameterError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
         self._validate_images(config)
 
@@ -117,6 +118,13 @@ class GenerationParams:
             raise ParameterError(
                 f"the mask is {self.mask.width}x{self.mask.height} but the image is "
                 f"{self.init_image.width}x{self.init_image.height}; they must be the same size")
+
+
+def default_schedule(config: ModelConfig) -> str:
+    """"karras", except for zero-terminal-SNR models: their first sigma is ~4096 (pure noise), and a Karras
+    ramp from there spends half of 20 steps above sigma 40, where the image is still noise; their own
+    (trailing) timesteps ("automatic") take one step from pure noise and spend the rest where detail forms."""
+    return "automatic" if config.schedule.zero_terminal_snr else "karras"
 
 
 def _side(image: Image.Image | None, axis: int, default: int) -> int:

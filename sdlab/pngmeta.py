@@ -74,11 +74,11 @@ def infotext(params: GenerationParams, model: ModelInfo | None = None, *, index:
 
 
 def _fields(params: GenerationParams, model: ModelInfo | None, index: int) -> dict[str, object]:
-    schedule = params.schedule.lower()
     fields: dict[str, object] = {
         "Steps": params.steps,
         "Sampler": params.sampler,
-        "Schedule type": SCHEDULE_LABELS.get(schedule, params.schedule),
+        # None (the model's default) only in params that were never resolved against a model
+        "Schedule type": SCHEDULE_LABELS.get((params.schedule or "").lower(), params.schedule),
         "CFG scale": _number(params.cfg_scale),
         "Seed": (params.seed or 0) + index,
         "Size": f"{params.width}x{params.height}",
@@ -87,6 +87,8 @@ def _fields(params: GenerationParams, model: ModelInfo | None, index: int) -> di
         fields["Model hash"] = model.hash
     if model is not None:
         fields["Model"] = model.name
+    if fields["Schedule type"] is None:
+        del fields["Schedule type"]
     if params.batch_size > 1:
         fields["Batch size"], fields["Batch pos"] = params.batch_size, index
     if params.mode != "txt2img":

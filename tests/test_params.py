@@ -71,3 +71,10 @@ def test_resolved_fills_size_and_seed(model):
     params = GenerationParams(prompt="x").resolved(model.config)
     assert (params.width, params.height) == (64, 64) and isinstance(params.seed, int)
     assert params.replace(batch_size=3).seeds == [params.seed, params.seed + 1, params.seed + 2]
+
+
+def test_default_schedule_is_karras_except_for_zero_terminal_snr_models():
+    zero_snr = dataclasses.replace(TINY, schedule=dataclasses.replace(TINY.schedule, zero_terminal_snr=True))
+    assert GenerationParams().resolved(TINY).schedule == "karras"
+    assert GenerationParams().resolved(zero_snr).schedule == "automatic"  # Karras would start at sigma 4096
+    assert GenerationParams(schedule="karras").resolved(zero_snr).schedule == "karras"  # a choice is kept

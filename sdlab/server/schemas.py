@@ -31,7 +31,7 @@ class Txt2ImgRequest(_Lenient):
     height: int | None = None
     sampler_name: str | None = Field(None, description=f"default {DEFAULTS.sampler!r}; see /sdapi/v1/samplers")
     sampler_index: str | None = Field(None, description="old name of sampler_name")
-    scheduler: str | None = Field(None, description=f"default {DEFAULTS.schedule!r}; see /sdapi/v1/schedulers")
+    scheduler: str | None = Field(None, description="default: karras (automatic for zero-terminal-SNR models); see /sdapi/v1/schedulers")
     batch_size: int = DEFAULTS.batch_size
     n_iter: int = 1
     eta: float | None = DEFAULTS.eta
