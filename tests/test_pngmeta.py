@@ -35,7 +35,8 @@ def test_infotext_has_a1111_layout():
 def test_round_trip_keeps_every_generation_field():
     params = GenerationParams(prompt="a blue star,\nbelow a square: big", negative_prompt="ugly\nnoisy",
                               steps=7, sampler="DPM++ SDE", schedule="sgm_uniform", cfg_scale=4.5,
-                              guidance_rescale=0.7, seed=2**40 + 3, width=64, height=128, clip_skip=2, eta=0.3)
+                              guidance_rescale=0.7, seed=2**40 + 3, width=64, height=128, clip_skip=2, eta=0.3,
+                              token_merging=0.4, deepcache=3)
     back = params_from_infotext(infotext(params, MODEL))
     assert back == params
 

@@ -81,6 +81,20 @@ def test_old_style_sampler_name_with_schedule(client):
     assert (fields["Sampler"], fields["Schedule type"]) == ("DPM++ 2M", "Karras")
 
 
+def test_speedups_through_override_settings(client, reference_model):
+    """A1111's token_merging_ratio setting, and sdlab's deepcache, reach the generation and its infotext."""
+    settings = {"token_merging_ratio": 0.5, "deepcache": 2}
+    body = {"prompt": "a red circle", "seed": 3, "override_settings": settings, "width": 64, "height": 64,
+            "steps": 4}
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    expected = generate(reference_model, GenerationParams(prompt="a red circle", seed=3, width=64, height=64,
+                                                          steps=4, token_merging=0.5, deepcache=2))
+    assert np.array_equal(pixels(decode(r.json()["images"][0])), pixels(expected.images[0]))
+    fields = parse_infotext(json.loads(r.json()["info"])["infotexts"][0]).fields
+    assert (fields["Token merging ratio"], fields["DeepCache"]) == ("0.5", "2")
+
+
 def test_img2img_and_inpaint(client, reference_model):
     init = Image.new("RGB", (32, 32), (200, 30, 30))
     mask = Image.new("L", (32, 32), 0)

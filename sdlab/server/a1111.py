@@ -86,6 +86,9 @@ def to_params(body: Txt2ImgRequest) -> GenerationParams:
         steps=body.steps, sampler=sampler, schedule=schedule, cfg_scale=body.cfg_scale,
         seed=None if body.seed == -1 else body.seed, batch_size=body.batch_size, eta=body.eta,
         clip_skip=body.override_settings.get("CLIP_stop_at_last_layers", DEFAULTS.clip_skip),
+        # A1111's setting for token merging; DeepCache has none there, so sdlab's field name is used
+        token_merging=body.override_settings.get("token_merging_ratio", DEFAULTS.token_merging),
+        deepcache=body.override_settings.get("deepcache", DEFAULTS.deepcache),
     )
 
 
