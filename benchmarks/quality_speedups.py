@@ -5,6 +5,8 @@ sdlab,sdlab-deepcache3,sdlab-tome50,diffusers`.
 
     python benchmarks/quality_speedups.py              # 100 prompts of each kind per setting
     python benchmarks/quality_speedups.py --n 200 --markdown runs/quality_speedups.md
+    python benchmarks/quality_speedups.py --tiny-vae runs/tiny-decoder   # also a tiny VAE decoder
+                                                    # (scripts/train_tiny_decoder.py distils one)
 
 Every setting runs in its own subprocess (scripts/eval_builtin.py --time), one after another.
 """
@@ -61,8 +63,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "quality_speedups")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
+    parser.add_argument("--tiny-vae", help="also measure this tiny VAE decoder")
     args = parser.parse_args()
-    results = {label: run(label, flags, args) for label, flags in SETTINGS.items()}
+    settings = dict(SETTINGS)
+    if args.tiny_vae:
+        settings["tiny VAE decoder"] = ["--tiny-vae", args.tiny_vae]
+    results = {label: run(label, flags, args) for label, flags in settings.items()}
     text = table(results)
     print(text)
     if args.markdown:

@@ -22,6 +22,7 @@ import torch
 from sdlab import rng
 from sdlab.generation import sample_batch
 from sdlab.model import Model
+from sdlab.nn.tiny_vae import load_tiny_decoder
 from sdlab.params import GenerationParams, default_schedule
 from sdlab.shapes import ATTRIBUTES, contact_sheet, eval_prompts, run_eval
 
@@ -87,6 +88,7 @@ def main() -> None:
     parser.add_argument("--schedule", help="default: the model's (karras; automatic for zero-terminal-SNR models)")
     parser.add_argument("--deepcache", type=int, default=1, help="opt-in speedup (see sdlab.deepcache); 1 = off")
     parser.add_argument("--token-merging", type=float, default=0.0, help="opt-in speedup (sdlab.tome); 0 = off")
+    parser.add_argument("--tiny-vae", type=Path, help="decode with this tiny VAE decoder (sdlab.nn.tiny_vae)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the images "
                         "(image i of kind k: seed + 10000 k + i)")
     parser.add_argument("--threads", type=int, default=1)
@@ -96,11 +98,14 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     model = Model.from_name(args.model)
+    if args.tiny_vae:
+        model.tiny_decoder = load_tiny_decoder(args.tiny_vae)
     params = GenerationParams(steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler, schedule=args.schedule,
                               deepcache=args.deepcache, token_merging=args.token_merging)
     summary = {"model": str(model.source), "n": args.n, "steps": args.steps, "cfg": args.cfg,
                "sampler": args.sampler, "schedule": args.schedule or default_schedule(model.config), "deepcache": args.deepcache,
-               "token_merging": args.token_merging, "seed": args.seed, "accuracy": {}, "targets": {}}
+               "token_merging": args.token_merging,
+               "tiny_vae": str(args.tiny_vae) if args.tiny_vae else None, "seed": args.seed, "accuracy": {}, "targets": {}}
     sheet_images, sheet_labels = [], []
     for kind in args.kinds:
         prompts = eval_prompts(args.seed, args.n, kind)
