@@ -12,7 +12,6 @@ only) that `load_tiny_decoder` reads. For SD 1.x/2.x use the published TAESD wei
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -21,10 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sdlab.checkpoints.atomic import atomic_folder
-from sdlab.checkpoints.io import write_safetensors
 from sdlab.model import Model
-from sdlab.nn.tiny_vae import FOLDER_WEIGHTS, TinyDecoder, TinyDecoderConfig
+from sdlab.nn.tiny_vae import TinyDecoder, TinyDecoderConfig, save_tiny_decoder
 from sdlab.shapes import ShapesDataset
 
 log = logging.getLogger("train_tiny_decoder")
@@ -45,18 +42,6 @@ def batches(model: Model, batch_size: int, seed: int):
         yield (mean - cfg.shift_factor) * cfg.scaling_factor, target
 
 
-def save(decoder: TinyDecoder, out: Path, overwrite: bool) -> Path:
-    cfg = decoder.cfg
-    config = {"_class_name": "AutoencoderTiny", "latent_channels": cfg.latent_channels, "out_channels":
-              cfg.out_channels, "decoder_block_out_channels": list(cfg.channels),
-              "num_decoder_blocks": list(cfg.blocks), "scaling_factor": 1.0}
-    with atomic_folder(out, overwrite=overwrite) as folder:
-        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        state = {f"decoder.{k}": v.detach().half() for k, v in decoder.state_dict().items()}
-        write_safetensors(folder / FOLDER_WEIGHTS[0], state)
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="default: the built-in model")
@@ -69,6 +54,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
+    if args.out.exists() and not args.overwrite:  # say so before training, not after
+        parser.error(f"{args.out} already exists; pass --overwrite to replace it, or another --out")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -84,7 +71,7 @@ def main() -> None:
         optimizer.step()
         if step % 100 == 0 or step == args.steps:
             log.info("step %d: L1 %.4f (%.0f s)", step, loss.item(), time.perf_counter() - started)
-    log.info("saved %s", save(decoder, args.out, args.overwrite))
+    log.info("saved %s", save_tiny_decoder(decoder, args.out, overwrite=args.overwrite))
 
 
 if __name__ == "__main__":

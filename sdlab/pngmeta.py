@@ -74,11 +74,10 @@ def infotext(params: GenerationParams, model: ModelInfo | None = None, *, index:
 
 
 def _fields(params: GenerationParams, model: ModelInfo | None, index: int) -> dict[str, object]:
-    fields: dict[str, object] = {
-        "Steps": params.steps,
-        "Sampler": params.sampler,
-        # None (the model's default) only in params that were never resolved against a model
-        "Schedule type": SCHEDULE_LABELS.get((params.schedule or "").lower(), params.schedule),
+    fields: dict[str, object] = {"Steps": params.steps, "Sampler": params.sampler}
+    if params.schedule is not None:  # None (the model's default) only in params never resolved against a model
+        fields["Schedule type"] = SCHEDULE_LABELS.get(params.schedule.lower(), params.schedule)
+    fields |= {
         "CFG scale": _number(params.cfg_scale),
         "Seed": (params.seed or 0) + index,
         "Size": f"{params.width}x{params.height}",
@@ -87,8 +86,6 @@ def _fields(params: GenerationParams, model: ModelInfo | None, index: int) -> di
         fields["Model hash"] = model.hash
     if model is not None:
         fields["Model"] = model.name
-    if fields["Schedule type"] is None:
-        del fields["Schedule type"]
     if params.batch_size > 1:
         fields["Batch size"], fields["Batch pos"] = params.batch_size, index
     if params.mode != "txt2img":

@@ -9,9 +9,15 @@ from diffusers import AutoencoderTiny
 from safetensors.torch import save_file
 
 import sdlab
+from sdlab.checkpoints.atomic import DestinationExistsError
 from sdlab.errors import CheckpointError
 from sdlab.model import Model
-from sdlab.nn.tiny_vae import TinyDecoder, TinyDecoderConfig, load_tiny_decoder
+from sdlab.nn.tiny_vae import (
+    TinyDecoder,
+    TinyDecoderConfig,
+    load_tiny_decoder,
+    save_tiny_decoder,
+)
 from sdlab.params import GenerationParams
 
 SMALL = dict(decoder_block_out_channels=(16, 16, 16), num_decoder_blocks=(2, 1, 1),
@@ -48,6 +54,18 @@ def test_loads_the_original_taesd_decoder_file(tmp_path):
     latents = torch.randn(1, 4, 4, 4)
     decoder = load_tiny_decoder(tmp_path / "taesd_decoder.safetensors")
     torch.testing.assert_close(decoder(latents), vae.decode(latents).sample, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_saved_folder_loads_back_with_its_config_and_is_never_overwritten_silently(tmp_path):
+    decoder = TinyDecoder(TinyDecoderConfig(channels=(8, 8, 8), blocks=(2, 2, 1))).eval()
+    save_tiny_decoder(decoder, tmp_path / "tiny", dtype=torch.float32)
+    back = load_tiny_decoder(tmp_path / "tiny")
+    assert back.cfg == decoder.cfg
+    latents = torch.randn(1, 4, 5, 3)
+    torch.testing.assert_close(back(latents), decoder(latents), rtol=0, atol=0)
+    with pytest.raises(DestinationExistsError, match="already exists"):
+        save_tiny_decoder(decoder, tmp_path / "tiny")
 
 
 def test_bad_files_get_clear_errors(tmp_path):

@@ -7,7 +7,8 @@ quality.
 
 Each block is conv-ReLU-conv-ReLU-conv plus a skip, then ReLU. The `state_dict()` keys equal diffusers'
 `AutoencoderTiny` decoder (`layers.N.conv.M.weight`, under `decoder.` in a diffusers folder), so its
-folders and the original `taesd_decoder.safetensors` files load with `load_tiny_decoder`.
+folders and the original `taesd_decoder.safetensors` files load with `load_tiny_decoder`;
+`save_tiny_decoder` writes such a folder (decoder weights only).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sdlab.checkpoints.io import read_state_dict
+from sdlab.checkpoints.atomic import atomic_folder
+from sdlab.checkpoints.io import read_state_dict, write_safetensors
 from sdlab.errors import CheckpointError
 
 # Weights: a diffusers AutoencoderTiny folder, or one file of decoder weights.
@@ -96,6 +98,21 @@ def load_tiny_decoder(path: str | Path, *, dtype: torch.dtype = torch.float32) -
             f"unexpected {sorted(found.keys() - expected.keys())[:4]}, other shapes {wrong[:4]}")
     decoder.load_state_dict(state)
     return decoder.to(dtype).eval()
+
+
+def save_tiny_decoder(decoder: TinyDecoder, folder: str | Path, *, dtype: torch.dtype = torch.float16,
+                      overwrite: bool = False) -> Path:
+    """Write `decoder` as an AutoencoderTiny-style folder that `load_tiny_decoder` reads back: config.json with
+    the decoder fields, and the weights under `decoder.` (no encoder, so diffusers itself cannot load it)."""
+    cfg = decoder.cfg
+    config = {"_class_name": "AutoencoderTiny", "latent_channels": cfg.latent_channels,
+              "out_channels": cfg.out_channels, "decoder_block_out_channels": list(cfg.channels),
+              "num_decoder_blocks": list(cfg.blocks), "scaling_factor": 1.0}
+    with atomic_folder(folder, overwrite=overwrite) as staging:
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        state = {f"decoder.{k}": v.detach().to(dtype) for k, v in decoder.state_dict().items()}
+        write_safetensors(staging / FOLDER_WEIGHTS[0], state)
+    return Path(folder)
 
 
 def _folder_config(folder: Path) -> TinyDecoderConfig:
