@@ -255,6 +255,13 @@ def test_lists(client):
     assert len(models["random:tiny"]["hash"]) == 10
     options = client.get("/sdapi/v1/options").json()
     assert options["sd_model_checkpoint"] == models["random:tiny"]["title"] and options["sdlab_native_size"] == 64
+    assert options["sdlab_default_schedule"] == "karras"  # the web UI preselects the model's own default
+
+
+def test_options_give_the_builtin_models_own_default_schedule():
+    with TestClient(create_app(ServerSettings(model="builtin"))) as c:
+        options = c.get("/sdapi/v1/options").json()
+    assert options["sdlab_default_schedule"] == "automatic"  # zero-terminal SNR: its trailing timesteps
 
 
 def test_options_accept_only_the_model_and_only_by_name(tmp_path):

@@ -50,6 +50,7 @@ def set_fields(page, **values):
 
 def test_generate_shows_progress_image_parameters_and_steps(page, tmp_path):
     assert page.input_value("#sampler") == "DPM++ 2M" and page.input_value("#width") == "64"
+    assert page.input_value("#schedule") == "karras"  # random:tiny's default (the model's, from /options)
     assert "random:tiny" in page.inner_text("#model-name")
     page.fill("#prompt", "a red circle above a blue square")
     set_fields(page, steps=40, width=32, height=32, seed=1234)
@@ -83,12 +84,15 @@ def test_random_seed_batch_gallery_and_errors(page):
     assert int(page.input_value("#seed")) >= 0
     page.fill("#prompt", "a green star")
     set_fields(page, steps=2, width=32, height=32, batch=2, seed=7)
+    page.click("#speedups summary")  # the opt-in speed-ups reach the server and its infotext
+    set_fields(page, **{"token-merging": 0.3, "deepcache": 2})
     page.click("#generate")
     page.wait_for_function("document.querySelectorAll('#gallery figure').length === 2", timeout=120_000)
     captions = page.locator("#gallery figcaption").all_inner_texts()
     assert sorted(captions) == ["seed 7", "seed 8"]
     page.locator("#gallery figure").nth(0).click()
-    assert "Seed: 8" in page.inner_text("#infotext")
+    info = page.inner_text("#infotext")
+    assert "Seed: 8" in info and "Token merging ratio: 0.3" in info and "DeepCache: 2" in info
     page.click("#reuse-seed")
     assert page.input_value("#seed") == "8"
     page.fill("#prompt", "x" * 2001)  # the server's limit is 2000 characters

@@ -18,7 +18,7 @@ from .. import __version__
 from ..diffusion.registry import get_sampler, sampler_names
 from ..diffusion.schedules import SCHEDULES
 from ..errors import ParameterError
-from ..params import GenerationParams
+from ..params import GenerationParams, default_schedule
 from ..pngmeta import (
     PARAMETERS_KEY,
     SCHEDULE_LABELS,
@@ -191,10 +191,11 @@ async def sd_models(request: Request) -> list[dict]:
 async def get_options(request: Request) -> dict:
     state = _state(request)
     entry = state.registry.resolve(state.model_name)
+    config = state.registry.config(entry.name)
     return {
         "sd_model_checkpoint": state.registry.title(entry), "sd_checkpoint_hash": state.registry.sha256(entry.name),
         "CLIP_stop_at_last_layers": DEFAULTS.clip_skip, "samples_format": "png", "sdlab_version": __version__,
-        "sdlab_native_size": state.registry.config(entry.name).default_size,
+        "sdlab_native_size": config.default_size, "sdlab_default_schedule": default_schedule(config),
     }  # fmt: skip
 
 

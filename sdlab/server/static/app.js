@@ -37,7 +37,8 @@ async function init() {
     api("/sdapi/v1/samplers"), api("/sdapi/v1/schedulers"), api("/sdapi/v1/options"),
   ]);
   fillSelect($("sampler"), samplers.map((s) => [s.name, s.name]), "DPM++ 2M");
-  fillSelect($("schedule"), schedulers.map((s) => [s.name, s.label]), "karras");
+  // Preselect the model's own default schedule (e.g. its trailing timesteps for a zero-terminal-SNR model).
+  fillSelect($("schedule"), schedulers.map((s) => [s.name, s.label]), options.sdlab_default_schedule ?? "karras");
   $("model-name").textContent = `model: ${options.sd_model_checkpoint}`;
   $("width").value = $("height").value = options.sdlab_native_size ?? 512;
 }
@@ -56,6 +57,9 @@ function requestBody(jobId) {
     width: Number($("width").value), height: Number($("height").value),
     batch_size: Number($("batch").value), seed: Number($("seed").value),
     force_task_id: jobId, save_steps: true,
+    override_settings: {
+      token_merging_ratio: Number($("token-merging").value), deepcache: Number($("deepcache").value),
+    },
   };
 }
 
