@@ -73,6 +73,9 @@ def markdown(summary: dict) -> str:
             correct, scored = summary["accuracy"][kind].get(attribute, (0, 0))
             cells.append(f"{correct / scored:.1%} ({correct}/{scored})" if scored else "-")
         lines.append(f"| {attribute} | " + " | ".join(cells) + " |")
+    errors = summary["count_errors"]
+    lines.append("| count errors: too few / too many objects | "
+                 + " | ".join(f"{errors[k]['too_few']} / {errors[k]['too_many']}" for k in KINDS) + " |")
     return "\n".join(lines)
 
 
@@ -120,6 +123,7 @@ def main() -> None:
 
         report = run_eval(keep, prompts, args.out / kind)
         summary["accuracy"][kind] = report.table.accuracy()
+        summary.setdefault("count_errors", {})[kind] = dict(zip(("too_few", "too_many"), report.table.count_errors()))
         attributes, = [a for k, a, _ in TARGETS if k == kind]
         summary["targets"][kind] = target_rate(report.table.scores, attributes)
         sheet_images += images[:8]

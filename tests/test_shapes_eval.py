@@ -175,6 +175,8 @@ def test_evaluate_table_and_contact_sheet(tmp_path):
     assert (correct, scored) == (9, 10)
     text = table.to_text()
     assert "count" in text and "90.0%" in text
+    assert table.count_errors() == (1, 0)  # the blank image has too few objects, none has too many
+    assert "count errors: 1 with too few objects, 0 with too many" in text
     path = contact_sheet(images, prompts, tmp_path / "sheet.png", columns=4)
     sheet = Image.open(path)
     assert sheet.width == 4 * (128 + 4) and sheet.height > 3 * 128

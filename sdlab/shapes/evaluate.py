@@ -363,6 +363,11 @@ class EvalTable:
 
     prompts: list[str] = field(default_factory=list)
     scores: list[dict[str, bool]] = field(default_factory=list)
+    extra_objects: list[int] = field(default_factory=list)  # objects found minus objects asked for, per image
+
+    def count_errors(self) -> tuple[int, int]:
+        """(images with too few objects, images with too many): which way the count attribute fails."""
+        return sum(d < 0 for d in self.extra_objects), sum(d > 0 for d in self.extra_objects)
 
     def accuracy(self) -> dict[str, tuple[int, int]]:
         """attribute -> (correct, scored), for attributes scored at least once."""
@@ -377,6 +382,9 @@ class EvalTable:
         lines = [f"{'attribute':<11} {'accuracy':>8}  correct/scored"]
         for attribute, (correct, scored) in self.accuracy().items():
             lines.append(f"{attribute:<11} {correct / scored:>8.1%}  {correct}/{scored}")
+        if self.extra_objects:
+            fewer, more = self.count_errors()
+            lines.append(f"count errors: {fewer} with too few objects, {more} with too many")
         return "\n".join(lines)
 
 
@@ -386,8 +394,10 @@ def evaluate(prompts: Sequence[str], images: Sequence) -> EvalTable:
         raise ParameterError(f"evaluate: {len(prompts)} prompts but {len(images)} images; give one each")
     table = EvalTable()
     for prompt, image in zip(prompts, images):
+        spec, analysis = parse_prompt(prompt), analyze(image)
         table.prompts.append(prompt)
-        table.scores.append(score(parse_prompt(prompt), image))
+        table.scores.append(score_analysis(spec, analysis))
+        table.extra_objects.append(len(analysis.objects) - len(spec.objects))
     return table
 
 
