@@ -9,6 +9,7 @@ from diffusers import DDPMScheduler
 from PIL import Image
 
 from sdlab.config import SD15
+from sdlab.errors import ParameterError
 from sdlab.diffusion.schedules import NoiseSchedule
 from sdlab.lora import read_lora
 from sdlab.train import TrainConfig, Trainer
@@ -67,6 +68,15 @@ def test_lr_schedule():
     assert lr_factor(c, 60) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_factor(c, 110) == pytest.approx(0.1)
     assert lr_factor(c.replace(lr_schedule="constant"), 100) == 1.0
+    wsd = c.replace(lr_schedule="constant", cooldown_steps=20, min_lr_ratio=0.0)  # warmup-stable-decay
+    assert [lr_factor(wsd, s) for s in (10, 89)] == [1.0, 1.0]
+    assert [lr_factor(wsd, s) for s in (90, 99, 109)] == pytest.approx([0.95, 0.5, 0.0])
+    # the steps before the cool-down do not depend on the length: a run can be lengthened, then cooled down
+    assert all(lr_factor(wsd.replace(steps=500), s) == lr_factor(wsd, s) for s in range(90))
+    with pytest.raises(ParameterError, match="cooldown_steps"):
+        TrainConfig(steps=110, lr_schedule="cosine", cooldown_steps=10)
+    with pytest.raises(ParameterError, match="must not exceed steps"):
+        TrainConfig(steps=110, warmup_steps=100, lr_schedule="constant", cooldown_steps=20)
 
 
 def test_ema():

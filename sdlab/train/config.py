@@ -69,7 +69,10 @@ class TrainConfig:
     adam_eps: float = 1e-8
     warmup_steps: int = 0
     lr_schedule: LRSchedule = "cosine"
-    min_lr_ratio: float = 0.0  # the cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.0  # the cosine (or the cool-down) decays to lr * min_lr_ratio
+    # "constant" only: decay linearly over the last `cooldown_steps` steps (warmup-stable-decay). The steps
+    # before the cool-down do not depend on `steps`, so a run can be lengthened and then cooled down.
+    cooldown_steps: int = 0
     max_grad_norm: float = 1.0  # 0 disables clipping
     ema_decay: float = 0.0  # 0 disables EMA; e.g. 0.999
     precision: Precision = "no"  # "bf16": autocast (CPU and GPU)
@@ -143,7 +146,11 @@ def _validate(c: TrainConfig) -> None:
            f"prediction={c.prediction!r}: use 'epsilon', 'v_prediction' or None (the model's)")
     for name in ("steps", "batch_size", "grad_accum", "resolution", "shapes_length", "eval_size", "sample_steps"):
         _check(getattr(c, name) >= 1, f"{name}={getattr(c, name)} must be at least 1")
-    for name in ("warmup_steps", "save_every", "log_every", "eval_every", "sample_every", "lora_rank",
+    _check(c.cooldown_steps == 0 or c.lr_schedule == "constant",
+           f"cooldown_steps={c.cooldown_steps}: a cool-down follows the 'constant' schedule only (the cosine decays already)")
+    _check(c.warmup_steps + c.cooldown_steps <= c.steps,
+           f"warmup_steps + cooldown_steps = {c.warmup_steps + c.cooldown_steps} must not exceed steps={c.steps}")
+    for name in ("cooldown_steps", "warmup_steps", "save_every", "log_every", "eval_every", "sample_every", "lora_rank",
                  "disc_start", "min_snr_gamma", "offset_noise", "max_grad_norm", "disc_weight", "kl_weight"):
         _check(getattr(c, name) >= 0, f"{name}={getattr(c, name)} must not be negative")
     _check(c.lr > 0, f"lr={c.lr} must be positive")

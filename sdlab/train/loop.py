@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 # Settings that may change when a run is resumed; any other difference means another experiment.
 RESUMABLE_CHANGES = {"steps", "save_every", "keep_last", "log_every", "eval_every", "sample_every", "sample_prompts",
                      "sample_steps", "sample_guidance", "export_layouts", "progress_bar", "resume", "output_dir",
-                     "device"}
+                     "device", "cooldown_steps"}  # like steps: both say where the run ends
 
 
 @dataclass
@@ -80,11 +80,16 @@ def build_model(config: TrainConfig, device: torch.device | str = "cpu") -> Mode
 
 
 def lr_factor(config: TrainConfig, step: int) -> float:
-    """Multiplier of `lr` at optimizer step `step`: linear warm-up, then constant or cosine decay."""
+    """Multiplier of `lr` at optimizer step `step`: linear warm-up, then constant (with an optional linear
+    cool-down over the last `cooldown_steps`) or cosine decay."""
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
     if config.lr_schedule == "constant":
-        return 1.0
+        cooldown_start = config.steps - config.cooldown_steps
+        if step < cooldown_start:
+            return 1.0
+        progress = (step + 1 - cooldown_start) / config.cooldown_steps  # reaches 1 at the last step
+        return 1.0 - (1 - config.min_lr_ratio) * min(1.0, progress)
     progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
