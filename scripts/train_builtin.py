@@ -7,9 +7,11 @@ then ship the EMA weights as an fp16 diffusers folder in `sdlab/data/builtin/`.
 
 The recipe is data, in `sdlab/shapes/recipe/`: `model.json` (the architecture), `vae.json` and `unet.json`
 (the two `TrainConfig`s, with their seeds). Runs go to `--out` (default `runs/builtin`, git-ignored); both
-stages checkpoint periodically and resume, so the command can be interrupted and run again. Raising
-`--unet-steps` on a finished run continues it (the UNet stage uses a constant learning rate after warm-up,
-so extending it changes no step already taken). Wall-clock time per stage is appended to `<out>/times.jsonl`.
+stages checkpoint periodically and resume, so the command can be interrupted and run again. The UNet
+stage's learning rate is constant after warm-up and decays linearly over the last `cooldown_steps`; steps
+before the cool-down do not depend on `steps`, so raising `--unet-steps` on a run that has not reached its
+cool-down yet lengthens it without changing any step already taken. Wall-clock time per stage is appended to
+`<out>/times.jsonl`.
 """
 
 from __future__ import annotations
