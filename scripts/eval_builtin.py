@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     parser.add_argument("--out", type=Path, default=Path("runs/builtin-eval"))
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--cfg", type=float, default=5.0)
+    parser.add_argument("--cfg", type=float, help="default: the model's own (3 for the built-in model)")
     parser.add_argument("--sampler", default=GenerationParams.sampler)
     parser.add_argument("--schedule", help="default: the model's (karras; automatic for zero-terminal-SNR models)")
     parser.add_argument("--deepcache", type=int, default=1, help="opt-in speedup (see sdlab.deepcache); 1 = off")
@@ -103,9 +103,10 @@ def main() -> None:
     model = Model.from_name(args.model)
     if args.tiny_vae:
         model.tiny_decoder = load_tiny_decoder(args.tiny_vae)
-    params = GenerationParams(steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler, schedule=args.schedule,
+    cfg = args.cfg if args.cfg is not None else model.config.default_guidance
+    params = GenerationParams(steps=args.steps, cfg_scale=cfg, sampler=args.sampler, schedule=args.schedule,
                               deepcache=args.deepcache, token_merging=args.token_merging)
-    summary = {"model": str(model.source), "n": args.n, "steps": args.steps, "cfg": args.cfg,
+    summary = {"model": str(model.source), "n": args.n, "steps": args.steps, "cfg": cfg,
                "sampler": args.sampler, "schedule": args.schedule or default_schedule(model.config), "deepcache": args.deepcache,
                "token_merging": args.token_merging,
                "tiny_vae": str(args.tiny_vae) if args.tiny_vae else None, "seed": args.seed, "accuracy": {}, "targets": {}}
@@ -139,7 +140,7 @@ def main() -> None:
     else:
         print(json.dumps({"targets": summary["targets"], "accuracy": summary["accuracy"]}, indent=1))
     if "seconds_per_image" in summary:
-        print(f"one 64x64 image, {args.steps} steps, CFG {args.cfg}: {summary['seconds_per_image']:.3f} s")
+        print(f"one 64x64 image, {args.steps} steps, CFG {cfg}: {summary['seconds_per_image']:.3f} s")
 
 
 if __name__ == "__main__":

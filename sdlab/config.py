@@ -137,6 +137,7 @@ class ModelConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     prediction: Prediction = "epsilon"
     default_size: int = 512  # the image side the model was trained at
+    default_guidance: float = 7.0  # the CFG scale generation uses when none is given
 
     @property
     def is_inpainting(self) -> bool:

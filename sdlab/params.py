@@ -41,7 +41,7 @@ class GenerationParams:
     steps: int = 20
     sampler: str = "DPM++ 2M"
     schedule: str | None = None  # None: the model's default, see `default_schedule`
-    cfg_scale: float = 7.0
+    cfg_scale: float | None = None  # None: the model's default (config.default_guidance; SD's usual is 7)
     guidance_rescale: float = 0.0
     seed: int | None = None
     batch_size: int = 1
@@ -76,6 +76,7 @@ class GenerationParams:
             height=self.height if self.height is not None else _side(self.init_image, 1, size),
             seed=self.seed if self.seed is not None else random.randrange(2**32),
             schedule=self.schedule if self.schedule is not None else default_schedule(config),
+            cfg_scale=self.cfg_scale if self.cfg_scale is not None else config.default_guidance,
         )
         params.validate(config)
         return params
@@ -98,7 +99,8 @@ class GenerationParams:
         _check_int("deepcache", self.deepcache, 1, MAX_STEPS)
         if self.seed is not None:
             _check_int("seed", self.seed, 0, 2**64 - 1 - MAX_BATCH)
-        _check_range("cfg_scale", self.cfg_scale, 0.0, 100.0)
+        if self.cfg_scale is not None:
+            _check_range("cfg_scale", self.cfg_scale, 0.0, 100.0)
         _check_range("guidance_rescale", self.guidance_rescale, 0.0, 1.0)
         _check_range("strength", self.strength, 0.0, 1.0)
         _check_range("token_merging", self.token_merging, 0.0, MAX_TOKEN_MERGING)

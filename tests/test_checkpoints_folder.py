@@ -179,3 +179,21 @@ def test_load_errors_name_the_path(tmp_path):
     (tmp_path / "x.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(CheckpointError, match="x.safetensors"):
         load_checkpoint(tmp_path / "x.safetensors")
+
+
+def test_a_models_own_default_guidance_survives_folders_and_single_files(tmp_path):
+    config = TINY_SD1.replace(default_guidance=3.0)
+    states = reference_state_dicts(config)
+    folder = _save_folder(tmp_path / "model", config, states)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_sdlab_default_guidance"] == 3.0  # diffusers ignores keys that start with "_"
+    assert StableDiffusionPipeline.from_pretrained(folder).unet is not None
+    assert load_checkpoint(folder).config.default_guidance == 3.0
+    plain = _save_folder(tmp_path / "plain", TINY_SD1, states)  # SD's usual 7: no key at all
+    assert "_sdlab_default_guidance" not in json.loads((plain / "model_index.json").read_text())
+    single = save_single_file(tmp_path / "m.safetensors", config, states["unet"], states["vae"], states["text_encoder"])
+    assert load_checkpoint(single).config.default_guidance == 3.0
+    index["_sdlab_default_guidance"] = "high"
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="_sdlab_default_guidance is 'high'; expected a number from 0 to 100"):
+        load_checkpoint(folder)

@@ -78,3 +78,12 @@ def test_default_schedule_is_karras_except_for_zero_terminal_snr_models():
     assert GenerationParams().resolved(TINY).schedule == "karras"
     assert GenerationParams().resolved(zero_snr).schedule == "automatic"  # Karras would start at sigma 4096
     assert GenerationParams(schedule="karras").resolved(zero_snr).schedule == "karras"  # a choice is kept
+
+
+def test_default_guidance_is_the_models():
+    assert GenerationParams().cfg_scale is None
+    assert GenerationParams().resolved(TINY).cfg_scale == 7.0  # SD's usual
+    assert GenerationParams().resolved(TINY.replace(default_guidance=3.0)).cfg_scale == 3.0
+    assert GenerationParams(cfg_scale=1.0).resolved(TINY.replace(default_guidance=3.0)).cfg_scale == 1.0  # kept
+    with pytest.raises(ParameterError, match="cfg_scale"):
+        GenerationParams(cfg_scale=-1.0).resolved(TINY)

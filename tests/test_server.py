@@ -255,13 +255,15 @@ def test_lists(client):
     assert len(models["random:tiny"]["hash"]) == 10
     options = client.get("/sdapi/v1/options").json()
     assert options["sd_model_checkpoint"] == models["random:tiny"]["title"] and options["sdlab_native_size"] == 64
-    assert options["sdlab_default_schedule"] == "karras"  # the web UI preselects the model's own default
+    assert options["sdlab_default_schedule"] == "karras"  # the web UI preselects the model's own defaults
+    assert options["sdlab_default_cfg"] == 7.0
 
 
-def test_options_give_the_builtin_models_own_default_schedule():
+def test_options_give_the_builtin_models_own_defaults():
     with TestClient(create_app(ServerSettings(model="builtin"))) as c:
         options = c.get("/sdapi/v1/options").json()
     assert options["sdlab_default_schedule"] == "automatic"  # zero-terminal SNR: its trailing timesteps
+    assert options["sdlab_default_cfg"] == 3.0  # carried in its model_index.json
 
 
 def test_options_accept_only_the_model_and_only_by_name(tmp_path):

@@ -50,7 +50,8 @@ def set_fields(page, **values):
 
 def test_generate_shows_progress_image_parameters_and_steps(page, tmp_path):
     assert page.input_value("#sampler") == "DPM++ 2M" and page.input_value("#width") == "64"
-    assert page.input_value("#schedule") == "karras"  # random:tiny's default (the model's, from /options)
+    assert page.input_value("#schedule") == "karras"  # random:tiny's defaults (the model's, from /options)
+    assert page.input_value("#cfg") == "7"
     assert "random:tiny" in page.inner_text("#model-name")
     page.fill("#prompt", "a red circle above a blue square")
     set_fields(page, steps=40, width=32, height=32, seed=1234)

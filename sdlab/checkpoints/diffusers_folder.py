@@ -39,6 +39,7 @@ EXPECTED_CLASSES = {
     "vae": ("diffusers", ("AutoencoderKL",)),
     "text_encoder": ("transformers", ("CLIPTextModel", "CLIPTextModelWithProjection")),
 }
+GUIDANCE_KEY = "_sdlab_default_guidance"  # in model_index.json, written only when it is not 7
 PIPELINES = {"epsilon": "StableDiffusionPipeline", "inpaint": "StableDiffusionInpaintPipeline"}
 TOKENIZER_DATA = ("vocab.json", "merges.txt")
 CLIP_DATA = Path(__file__).resolve().parents[1] / "data" / "clip"  # sdlab's package data
@@ -59,13 +60,13 @@ def read_folder(
     index = _read_json(folder / MODEL_INDEX)
     _check_model_index(index, folder / MODEL_INDEX)
     tokenizer_dir = folder / "tokenizer" if (folder / "tokenizer" / "vocab.json").is_file() else None
-    config = read_folder_config(folder, tokenizer_dir)
+    config = read_folder_config(folder, tokenizer_dir, index)
     weights = {name: read_component_weights(folder / name, WEIGHT_NAMES[name], variant) for name in WEIGHT_NAMES}
     weights["text_encoder"] = normalize_text_encoder_keys(weights["text_encoder"])
     return config, weights, tokenizer_dir
 
 
-def read_folder_config(folder: Path, tokenizer_dir: Path | None) -> ModelConfig:
+def read_folder_config(folder: Path, tokenizer_dir: Path | None, index: Mapping[str, Any]) -> ModelConfig:
     unet_cfg = _read_json(folder / "unet" / "config.json")
     unet = configs.unet_from_diffusers(unet_cfg, str(folder / "unet" / "config.json"))
     vae = configs.vae_from_diffusers(_read_json(folder / "vae" / "config.json"), str(folder / "vae" / "config.json"))
@@ -79,8 +80,18 @@ def read_folder_config(folder: Path, tokenizer_dir: Path | None) -> ModelConfig:
     config = ModelConfig(
         name=folder.name, text_encoder=text, unet=unet, vae=vae, schedule=schedule, prediction=prediction,
         default_size=unet_cfg.get("sample_size", 64) * vae.downscale,
+        default_guidance=_default_guidance(index, folder / MODEL_INDEX),
     )
     return configs.named_like_preset(config, folder.name)
+
+
+def _default_guidance(index: Mapping[str, Any], where: Path) -> float:
+    """The model's own default CFG scale: sdlab's key in model_index.json (diffusers ignores keys that start
+    with "_"), else Stable Diffusion's usual 7."""
+    value = index.get(GUIDANCE_KEY, ModelConfig.default_guidance)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+        raise CheckpointError(f"{where}: {GUIDANCE_KEY} is {value!r}; expected a number from 0 to 100")
+    return float(value)
 
 
 def read_component_weights(component_dir: Path, name: str, variant: str | None) -> dict[str, torch.Tensor]:
@@ -228,6 +239,7 @@ def cast(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict
 def _model_index(config: ModelConfig) -> dict[str, Any]:
     pipeline = PIPELINES["inpaint"] if config.is_inpainting else PIPELINES["epsilon"]
     scheduler = configs.schedule_to_diffusers(config.schedule, config.prediction)["_class_name"]
+    guidance = {} if config.default_guidance == ModelConfig.default_guidance else {GUIDANCE_KEY: config.default_guidance}
     return {
         "_class_name": pipeline,
         "_diffusers_version": configs.DIFFUSERS_VERSION,
@@ -239,6 +251,7 @@ def _model_index(config: ModelConfig) -> dict[str, Any]:
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
+        **guidance,
     }
 
 

@@ -196,6 +196,7 @@ async def get_options(request: Request) -> dict:
         "sd_model_checkpoint": state.registry.title(entry), "sd_checkpoint_hash": state.registry.sha256(entry.name),
         "CLIP_stop_at_last_layers": DEFAULTS.clip_skip, "samples_format": "png", "sdlab_version": __version__,
         "sdlab_native_size": config.default_size, "sdlab_default_schedule": default_schedule(config),
+        "sdlab_default_cfg": config.default_guidance,
     }  # fmt: skip
 
 

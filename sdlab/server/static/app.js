@@ -41,6 +41,7 @@ async function init() {
   fillSelect($("schedule"), schedulers.map((s) => [s.name, s.label]), options.sdlab_default_schedule ?? "karras");
   $("model-name").textContent = `model: ${options.sd_model_checkpoint}`;
   $("width").value = $("height").value = options.sdlab_native_size ?? 512;
+  $("cfg").value = options.sdlab_default_cfg ?? 7;
 }
 
 function fillSelect(select, pairs, preferred) {
