@@ -75,10 +75,12 @@ def infotext(params: GenerationParams, model: ModelInfo | None = None, *, index:
 
 def _fields(params: GenerationParams, model: ModelInfo | None, index: int) -> dict[str, object]:
     fields: dict[str, object] = {"Steps": params.steps, "Sampler": params.sampler}
-    if params.schedule is not None:  # None (the model's default) only in params never resolved against a model
+    # Schedule and CFG scale are None (the model's defaults) only in params never resolved against a model.
+    if params.schedule is not None:
         fields["Schedule type"] = SCHEDULE_LABELS.get(params.schedule.lower(), params.schedule)
+    if params.cfg_scale is not None:
+        fields["CFG scale"] = _number(params.cfg_scale)
     fields |= {
-        "CFG scale": _number(params.cfg_scale),
         "Seed": (params.seed or 0) + index,
         "Size": f"{params.width}x{params.height}",
     }

@@ -60,13 +60,13 @@ def read_folder(
     index = _read_json(folder / MODEL_INDEX)
     _check_model_index(index, folder / MODEL_INDEX)
     tokenizer_dir = folder / "tokenizer" if (folder / "tokenizer" / "vocab.json").is_file() else None
-    config = read_folder_config(folder, tokenizer_dir, index)
+    config = read_folder_config(folder, tokenizer_dir)
     weights = {name: read_component_weights(folder / name, WEIGHT_NAMES[name], variant) for name in WEIGHT_NAMES}
     weights["text_encoder"] = normalize_text_encoder_keys(weights["text_encoder"])
     return config, weights, tokenizer_dir
 
 
-def read_folder_config(folder: Path, tokenizer_dir: Path | None, index: Mapping[str, Any]) -> ModelConfig:
+def read_folder_config(folder: Path, tokenizer_dir: Path | None) -> ModelConfig:
     unet_cfg = _read_json(folder / "unet" / "config.json")
     unet = configs.unet_from_diffusers(unet_cfg, str(folder / "unet" / "config.json"))
     vae = configs.vae_from_diffusers(_read_json(folder / "vae" / "config.json"), str(folder / "vae" / "config.json"))
@@ -80,7 +80,7 @@ def read_folder_config(folder: Path, tokenizer_dir: Path | None, index: Mapping[
     config = ModelConfig(
         name=folder.name, text_encoder=text, unet=unet, vae=vae, schedule=schedule, prediction=prediction,
         default_size=unet_cfg.get("sample_size", 64) * vae.downscale,
-        default_guidance=_default_guidance(index, folder / MODEL_INDEX),
+        default_guidance=_default_guidance(_read_json(folder / MODEL_INDEX), folder / MODEL_INDEX),
     )
     return configs.named_like_preset(config, folder.name)
 

@@ -169,13 +169,18 @@ class JobQueue:
             job.status, job.error = "failed", str(error)
             if not isinstance(error, SdlabError):
                 log.exception("job %s failed", job.id)
+            self._finish(job)
             job.future.set_exception(error)
         else:
             job.status = "done"
+            self._finish(job)
             job.future.set_result(result)
-        finally:
-            job.finished, self.current = time.time(), None
-            self.last_job_seconds = job.finished - job.started
+
+    def _finish(self, job: Job) -> None:
+        """The worker is idle again before the job's requester hears back, so that a /progress call made right
+        after a response never sees the finished job as the current one."""
+        job.finished, self.current = time.time(), None
+        self.last_job_seconds = job.finished - job.started
 
     # ---- shutdown ----
 

@@ -148,7 +148,7 @@ def _validate(c: TrainConfig) -> None:
         _check(getattr(c, name) >= 1, f"{name}={getattr(c, name)} must be at least 1")
     _check(c.cooldown_steps == 0 or c.lr_schedule == "constant",
            f"cooldown_steps={c.cooldown_steps}: a cool-down follows the 'constant' schedule only (the cosine decays already)")
-    _check(c.warmup_steps + c.cooldown_steps <= c.steps,
+    _check(c.cooldown_steps == 0 or c.warmup_steps + c.cooldown_steps <= c.steps,
            f"warmup_steps + cooldown_steps = {c.warmup_steps + c.cooldown_steps} must not exceed steps={c.steps}")
     for name in ("cooldown_steps", "warmup_steps", "save_every", "log_every", "eval_every", "sample_every", "lora_rank",
                  "disc_start", "min_snr_gamma", "offset_noise", "max_grad_norm", "disc_weight", "kl_weight"):
