@@ -2,7 +2,7 @@
 then ship the EMA weights as an fp16 diffusers folder in `sdlab/data/builtin/`.
 
     python scripts/train_builtin.py                          # the whole recipe (resumes where it stopped)
-    python scripts/train_builtin.py --stage unet --unet-steps 8000    # a shorter UNet stage (cools down over its last 3000)
+    python scripts/train_builtin.py --stage unet --unet-steps 8000   # shorter (cools down over its last 3000)
     python scripts/train_builtin.py --stage ship             # ship the newest UNet checkpoint's EMA weights
 
 The recipe is data, in `sdlab/shapes/recipe/`: `model.json` (the architecture), `vae.json` and `unet.json`

@@ -333,7 +333,7 @@ def config_from_json(text: str, where: str) -> ModelConfig:
             schedule=ScheduleConfig(**d["schedule"]),
             prediction=d["prediction"],
             default_size=d["default_size"],
-            default_guidance=d.get("default_guidance", 7.0),  # written since sdlab 0.x files had none
+            default_guidance=d.get("default_guidance", 7.0),  # files written before the field have none
         )
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{where}: the stored sdlab model config is malformed ({e})") from e

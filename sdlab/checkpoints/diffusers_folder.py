@@ -239,7 +239,8 @@ def cast(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict
 def _model_index(config: ModelConfig) -> dict[str, Any]:
     pipeline = PIPELINES["inpaint"] if config.is_inpainting else PIPELINES["epsilon"]
     scheduler = configs.schedule_to_diffusers(config.schedule, config.prediction)["_class_name"]
-    guidance = {} if config.default_guidance == ModelConfig.default_guidance else {GUIDANCE_KEY: config.default_guidance}
+    own_guidance = config.default_guidance != ModelConfig.default_guidance
+    guidance = {GUIDANCE_KEY: config.default_guidance} if own_guidance else {}
     return {
         "_class_name": pipeline,
         "_diffusers_version": configs.DIFFUSERS_VERSION,

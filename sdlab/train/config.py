@@ -147,7 +147,8 @@ def _validate(c: TrainConfig) -> None:
     for name in ("steps", "batch_size", "grad_accum", "resolution", "shapes_length", "eval_size", "sample_steps"):
         _check(getattr(c, name) >= 1, f"{name}={getattr(c, name)} must be at least 1")
     _check(c.cooldown_steps == 0 or c.lr_schedule == "constant",
-           f"cooldown_steps={c.cooldown_steps}: a cool-down follows the 'constant' schedule only (the cosine decays already)")
+           f"cooldown_steps={c.cooldown_steps}: a cool-down follows the 'constant' schedule only "
+           "(the cosine decays already)")
     _check(c.cooldown_steps == 0 or c.warmup_steps + c.cooldown_steps <= c.steps,
            f"warmup_steps + cooldown_steps = {c.warmup_steps + c.cooldown_steps} must not exceed steps={c.steps}")
     for name in ("cooldown_steps", "warmup_steps", "save_every", "log_every", "eval_every", "sample_every", "lora_rank",
