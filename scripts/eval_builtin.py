@@ -23,7 +23,7 @@ from sdlab import rng
 from sdlab.generation import sample_batch
 from sdlab.model import Model
 from sdlab.nn.tiny_vae import load_tiny_decoder
-from sdlab.params import GenerationParams, default_schedule
+from sdlab.params import GenerationParams
 from sdlab.shapes import ATTRIBUTES, contact_sheet, eval_prompts, run_eval
 
 KINDS = ("single", "relation", "heldout")
@@ -103,11 +103,11 @@ def main() -> None:
     model = Model.from_name(args.model)
     if args.tiny_vae:
         model.tiny_decoder = load_tiny_decoder(args.tiny_vae)
-    cfg = args.cfg if args.cfg is not None else model.config.default_guidance
-    params = GenerationParams(steps=args.steps, cfg_scale=cfg, sampler=args.sampler, schedule=args.schedule,
+    params = GenerationParams(steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler, schedule=args.schedule,
                               deepcache=args.deepcache, token_merging=args.token_merging)
-    summary = {"model": str(model.source), "n": args.n, "steps": args.steps, "cfg": cfg,
-               "sampler": args.sampler, "schedule": args.schedule or default_schedule(model.config), "deepcache": args.deepcache,
+    defaults = params.resolved(model.config)  # the model's own CFG scale and schedule where not given
+    summary = {"model": str(model.source), "n": args.n, "steps": args.steps, "cfg": defaults.cfg_scale,
+               "sampler": args.sampler, "schedule": defaults.schedule, "deepcache": args.deepcache,
                "token_merging": args.token_merging,
                "tiny_vae": str(args.tiny_vae) if args.tiny_vae else None, "seed": args.seed, "accuracy": {}, "targets": {}}
     sheet_images, sheet_labels = [], []
@@ -140,7 +140,7 @@ def main() -> None:
     else:
         print(json.dumps({"targets": summary["targets"], "accuracy": summary["accuracy"]}, indent=1))
     if "seconds_per_image" in summary:
-        print(f"one 64x64 image, {args.steps} steps, CFG {cfg}: {summary['seconds_per_image']:.3f} s")
+        print(f"one 64x64 image, {args.steps} steps, CFG {defaults.cfg_scale}: {summary['seconds_per_image']:.3f} s")
 
 
 if __name__ == "__main__":

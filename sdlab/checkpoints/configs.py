@@ -333,7 +333,8 @@ def config_from_json(text: str, where: str) -> ModelConfig:
             schedule=ScheduleConfig(**d["schedule"]),
             prediction=d["prediction"],
             default_size=d["default_size"],
-            default_guidance=d.get("default_guidance", 7.0),  # files written before the field have none
+            # files written before the field existed have none
+            default_guidance=d.get("default_guidance", ModelConfig.default_guidance),
         )
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{where}: the stored sdlab model config is malformed ({e})") from e

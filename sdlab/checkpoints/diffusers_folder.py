@@ -57,8 +57,6 @@ def read_folder(
     folder: Path, *, variant: str | None = None
 ) -> tuple[ModelConfig, dict[str, dict[str, torch.Tensor]], Path | None]:
     """(config, {"unet", "vae", "text_encoder"} state dicts, tokenizer folder or None) of a diffusers folder."""
-    index = _read_json(folder / MODEL_INDEX)
-    _check_model_index(index, folder / MODEL_INDEX)
     tokenizer_dir = folder / "tokenizer" if (folder / "tokenizer" / "vocab.json").is_file() else None
     config = read_folder_config(folder, tokenizer_dir)
     weights = {name: read_component_weights(folder / name, WEIGHT_NAMES[name], variant) for name in WEIGHT_NAMES}
@@ -67,6 +65,9 @@ def read_folder(
 
 
 def read_folder_config(folder: Path, tokenizer_dir: Path | None) -> ModelConfig:
+    """The ModelConfig of a diffusers folder, from its model index and component configs (no weights read)."""
+    index = _read_json(folder / MODEL_INDEX)
+    _check_model_index(index, folder / MODEL_INDEX)
     unet_cfg = _read_json(folder / "unet" / "config.json")
     unet = configs.unet_from_diffusers(unet_cfg, str(folder / "unet" / "config.json"))
     vae = configs.vae_from_diffusers(_read_json(folder / "vae" / "config.json"), str(folder / "vae" / "config.json"))
@@ -80,7 +81,7 @@ def read_folder_config(folder: Path, tokenizer_dir: Path | None) -> ModelConfig:
     config = ModelConfig(
         name=folder.name, text_encoder=text, unet=unet, vae=vae, schedule=schedule, prediction=prediction,
         default_size=unet_cfg.get("sample_size", 64) * vae.downscale,
-        default_guidance=_default_guidance(_read_json(folder / MODEL_INDEX), folder / MODEL_INDEX),
+        default_guidance=_default_guidance(index, folder / MODEL_INDEX),
     )
     return configs.named_like_preset(config, folder.name)
 
