@@ -94,3 +94,23 @@ def test_draws_what_easy_prompts_ask_for(model):
     one_shape = sum(s["count"] for s in table.scores)
     assert one_shape >= 6, f"one shape drawn in only {one_shape}/8 images:\n{table.to_text()}"
     assert right >= 6, f"colour and shape right on only {right}/8:\n{table.to_text()}"
+
+
+def test_the_recipe_stages_are_valid_training_configs(tmp_path):
+    """scripts/train_builtin.py's three stages: each recipe JSON is a valid TrainConfig, and each stage starts
+    where the previous one ended."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "train_builtin.py"
+    spec = importlib.util.spec_from_file_location("train_builtin", script)
+    train_builtin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_builtin)
+    vae, unet, refine = (train_builtin.stage_config(name, tmp_path) for name in ("vae", "unet", "refine"))
+    assert (vae.task, unet.task, refine.task) == ("vae", "diffusion", "diffusion")
+    assert unet.vae_from == str(tmp_path / "vae" / "model")
+    assert refine.init_from == str(tmp_path / "unet" / "model")  # the UNet stage's exported EMA weights
+    assert unet.shapes_mix == sdlab.shapes.ShapesMix()  # the world's own mix; refine leans to two shapes
+    assert refine.shapes_mix.object_probabilities[1] > unet.shapes_mix.object_probabilities[1]
+    assert refine.shapes_mix.relation_share > unet.shapes_mix.relation_share
+    assert train_builtin.stage_config("refine", tmp_path, init_from="elsewhere").init_from == "elsewhere"

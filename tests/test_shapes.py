@@ -8,7 +8,7 @@ import pytest
 from sdlab.errors import ParameterError
 from sdlab.shapes import (
     BACKGROUNDS, HELDOUT_PAIRS, POSITIONS, SHAPE_COLOURS, SHAPES, SIZES, ObjectSpec, PromptError, SceneSpec,
-    ShapesDataset, caption, parse_prompt, render, sample_scene,
+    ShapesDataset, ShapesMix, caption, parse_prompt, render, sample_scene,
 )
 from sdlab.shapes.world import GAP, PALETTE, colours_allowed_on, srgb_to_lab, true_relations
 
@@ -214,3 +214,38 @@ def test_dataset_iterates_shards_and_validates():
         data[12]
     with pytest.raises(ParameterError, match="split"):
         ShapesDataset(split="test")
+
+
+def test_the_default_mix_is_the_worlds_own_stream():
+    # The recipe's UNet stage trains on the default mix: adding the mix must not have changed its data.
+    data = ShapesDataset(seed=3, length=300)
+    explicit = ShapesDataset(seed=3, length=300, mix=ShapesMix((4, 4, 2), 0.5))  # weights are relative
+    for i in range(0, 300, 7):
+        rng = data._rng(i)
+        scene = sample_scene(rng, "train")
+        assert data.scene(i) == explicit.scene(i) == scene
+        assert data[i][1] == explicit[i][1] == caption(scene, rng)
+
+
+def test_a_mix_sets_how_many_shapes_and_how_often_they_are_related():
+    only_relations = ShapesDataset(seed=0, length=100, mix=ShapesMix((0, 1, 0), relation_share=1.0))
+    for i in range(100):
+        assert len(only_relations.scene(i).objects) == 2 and parse_prompt(only_relations[i][1]).relation
+
+    data = ShapesDataset(seed=0, length=1500, mix=ShapesMix((0.3, 0.55, 0.15), relation_share=0.75))
+    counts, related = np.zeros(4), 0
+    for i in range(len(data)):
+        n = len(data.scene(i).objects)
+        counts[n] += 1
+        related += n == 2 and parse_prompt(data[i][1]).relation is not None
+    np.testing.assert_allclose(counts[1:] / len(data), (0.3, 0.55, 0.15), atol=0.04)
+    assert abs(related / counts[2] - 0.75) < 0.05
+
+
+@pytest.mark.parametrize("weights, share, complaint", [
+    ((1, 1), 0.5, "object_weights"), ((1, -1, 1), 0.5, "object_weights"), ((0, 0, 0), 0.5, "object_weights"),
+    ((1, 1, float("nan")), 0.5, "object_weights"), ((1, 1, 1), 1.5, "relation_share"),
+])
+def test_a_bad_mix_is_refused(weights, share, complaint):
+    with pytest.raises(ParameterError, match=complaint):
+        ShapesMix(weights, share)

@@ -49,6 +49,16 @@ def test_validation_messages_name_the_field():
         TrainConfig(cache_latents=True, center_crop=False)
     with pytest.raises(ParameterError, match="buckets"):
         TrainConfig(buckets=True, data="shapes")
+    with pytest.raises(ParameterError, match="shapes_relation_share.*relation_share=-0.1"):
+        TrainConfig(shapes_relation_share=-0.1)
+
+
+def test_shapes_mix_flags():
+    config = config_from_args(parse("--shapes-object-weights", "1", "2", "1", "--shapes-relation-share", "0.9"))
+    assert config.shapes_mix.object_probabilities == (0.25, 0.5, 0.25)
+    assert config.shapes_mix.relation_share == 0.9
+    with pytest.raises(ParameterError, match="three non-negative numbers"):
+        config_from_args(parse("--shapes-object-weights", "1", "2"))
 
 
 def test_model_architecture_from_a_json_file(tmp_path):

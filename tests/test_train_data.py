@@ -12,6 +12,7 @@ from PIL import Image
 from sdlab.config import TINY
 from sdlab.errors import ParameterError
 from sdlab.nn.vae import VAE
+from sdlab.shapes import ShapesMix
 from sdlab.train.data import (
     BatchOrder,
     DataStream,
@@ -150,6 +151,9 @@ def test_shapes_source_and_latent_cache(tmp_path):
         vae.decoder.conv_out.weight.add_(1.0)  # the decoder does not matter, the encoder does
         vae.encoder.conv_out.bias.add_(1.0)
     assert LatentCache.load(tmp_path / "c.safetensors", fingerprint(vae, source, 32)) is None
+    # Another training mix draws other scenes, so it must not reuse the cache.
+    assert fingerprint(vae, source, 32) != fingerprint(vae, ShapesSource(32, length=5, seed=1, mix=ShapesMix(
+        relation_share=1.0)), 32)
 
 
 def test_trainer_on_bucketed_folders_cached_latents_and_vae_heldout_split(tmp_path):

@@ -8,7 +8,7 @@ model entirely offline ("a red circle above a blue square").
 """
 
 from sdlab.shapes.captions import PromptError, caption, parse_prompt
-from sdlab.shapes.dataset import ShapesDataset
+from sdlab.shapes.dataset import ShapesDataset, ShapesMix
 from sdlab.shapes.evaluate import (
     ATTRIBUTES, Analysis, Detection, EvalReport, EvalTable, analyze, contact_sheet, eval_prompts, evaluate,
     run_eval, score, score_analysis,
@@ -22,6 +22,6 @@ from sdlab.shapes.world import (
 __all__ = [
     "ATTRIBUTES", "BACKGROUNDS", "HELDOUT_PAIRS", "POSITIONS", "RELATIONS", "SHAPES", "SHAPE_COLOURS", "SIZES",
     "Analysis", "Detection", "EvalReport", "EvalTable", "ObjectSpec", "PromptError", "Scene", "SceneSpec",
-    "ShapeObject", "ShapesDataset", "analyze", "caption", "contact_sheet", "eval_prompts", "evaluate",
+    "ShapeObject", "ShapesDataset", "ShapesMix", "analyze", "caption", "contact_sheet", "eval_prompts", "evaluate",
     "parse_prompt", "render", "run_eval", "sample_scene", "score", "score_analysis",
 ]

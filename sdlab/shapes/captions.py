@@ -70,15 +70,16 @@ def _position_phrases(position: str) -> tuple[str, ...]:
 
 # ---- scene -> caption ----
 
-def caption(scene: Scene, rng: np.random.Generator, mode: str = "auto") -> str:
+def caption(scene: Scene, rng: np.random.Generator, mode: str = "auto", relation_share: float = 0.5) -> str:
     """A random natural caption of `scene`, true of it. mode "relation" (two objects only) relates the two
-    shapes ("a red circle above a blue square"), "list" names each shape, "auto" picks one at random."""
+    shapes ("a red circle above a blue square"), "list" names each shape, "auto" relates the two shapes of a
+    two-object scene with probability `relation_share` and lists them otherwise."""
     n = len(scene.objects)
     if mode not in ("auto", "list", "relation"):
         raise ParameterError(f"caption: mode={mode!r} must be 'auto', 'list' or 'relation'")
     if mode == "relation" and n != 2:
         raise ParameterError(f"caption: mode='relation' needs a 2-object scene, this one has {n}")
-    use_relation = mode == "relation" or (mode == "auto" and n == 2 and rng.random() < 0.5)
+    use_relation = mode == "relation" or (mode == "auto" and n == 2 and rng.random() < relation_share)
     body = _relation_body(scene, rng) if use_relation else _list_body(scene, rng)
     return _frame(body, scene, rng)
 

@@ -2,14 +2,40 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
 from sdlab.errors import ParameterError
 from sdlab.shapes.captions import caption
 from sdlab.shapes.render import render
-from sdlab.shapes.world import SPLITS, TRAIN_STREAM, Scene, sample_scene
+from sdlab.shapes.world import OBJECT_COUNT_WEIGHTS, SPLITS, TRAIN_STREAM, Scene, sample_scene
+
+
+@dataclass(frozen=True)
+class ShapesMix:
+    """What the dataset shows how often: scenes of 1, 2 and 3 shapes in the ratio `object_weights`, and of
+    the two-shape scenes a share `relation_share` captioned by a relation ("a red circle above a blue
+    square"), the rest by a list of the shapes. The defaults are the world's own mix; a fine-tuning stage
+    can lean towards what a model finds hard without changing the world."""
+
+    object_weights: tuple[float, float, float] = OBJECT_COUNT_WEIGHTS
+    relation_share: float = 0.5
+
+    def __post_init__(self):
+        weights = tuple(self.object_weights)
+        if len(weights) != 3 or not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+            raise ParameterError(f"ShapesMix: object_weights={self.object_weights!r} must be three non-negative "
+                                 "numbers (the weights of 1, 2 and 3 shapes) with a positive sum")
+        if not 0 <= self.relation_share <= 1:
+            raise ParameterError(f"ShapesMix: relation_share={self.relation_share!r} must lie in [0, 1]")
+
+    @property
+    def object_probabilities(self) -> tuple[float, float, float]:
+        total = sum(self.object_weights)
+        return tuple(w / total for w in self.object_weights)
 
 
 class ShapesDataset:
@@ -19,12 +45,14 @@ class ShapesDataset:
     (e.g. rank r of w takes indices r, r + w, r + 2w, ...). Images are (size, size, 3) uint8 arrays.
     """
 
-    def __init__(self, seed: int = 0, length: int = 1_000_000, size: int = 64, split: str = "train"):
+    def __init__(
+        self, seed: int = 0, length: int = 1_000_000, size: int = 64, split: str = "train", mix: ShapesMix = ShapesMix()
+    ):
         if length < 1:
             raise ParameterError(f"ShapesDataset: length={length} must be at least 1")
         if split not in SPLITS:
             raise ParameterError(f"ShapesDataset: split={split!r} is not one of {SPLITS}")
-        self.seed, self.length, self.size, self.split = seed, length, size, split
+        self.seed, self.length, self.size, self.split, self.mix = seed, length, size, split, mix
 
     def __len__(self) -> int:
         return self.length
@@ -36,12 +64,12 @@ class ShapesDataset:
 
     def scene(self, index: int) -> Scene:
         """The ground-truth scene of item `index`."""
-        return sample_scene(self._rng(index), self.split)
+        return sample_scene(self._rng(index), self.split, object_weights=self.mix.object_probabilities)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, str]:
         rng = self._rng(index)
-        scene = sample_scene(rng, self.split)
-        return np.asarray(render(scene, self.size)), caption(scene, rng)
+        scene = sample_scene(rng, self.split, object_weights=self.mix.object_probabilities)
+        return np.asarray(render(scene, self.size)), caption(scene, rng, relation_share=self.mix.relation_share)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, str]]:
         return (self[i] for i in range(self.length))

@@ -70,7 +70,7 @@ EVAL_STREAM = 0xE7A1
 
 Split = Literal["train", "heldout", "any"]
 SPLITS: tuple[str, ...] = ("train", "heldout", "any")
-_OBJECT_COUNT_WEIGHTS = (0.4, 0.4, 0.2)  # P(1), P(2), P(3) objects when n_objects is not given
+OBJECT_COUNT_WEIGHTS = (0.4, 0.4, 0.2)  # P(1), P(2), P(3) objects when n_objects is not given
 _MIN_CONTRAST = 45.0  # CIELAB distance a shape colour needs from its background
 
 
@@ -139,13 +139,19 @@ def colours_allowed_on(background: str) -> tuple[str, ...]:
     )
 
 
-def sample_scene(rng: np.random.Generator, split: Split = "train", n_objects: int | None = None) -> Scene:
+def sample_scene(
+    rng: np.random.Generator,
+    split: Split = "train",
+    n_objects: int | None = None,
+    object_weights: tuple[float, float, float] = OBJECT_COUNT_WEIGHTS,
+) -> Scene:
     """Draw a random scene. "train" never contains a held-out colour x shape pair, "heldout" always contains
-    at least one, "any" is unrestricted. Deterministic given the generator's state."""
+    at least one, "any" is unrestricted. Without `n_objects`, the count is drawn with the probabilities
+    `object_weights` (of 1, 2, 3 objects; they must sum to 1). Deterministic given the generator's state."""
     if split not in SPLITS:
         raise ParameterError(f"sample_scene: split={split!r} is not one of {SPLITS}")
     if n_objects is None:
-        n_objects = int(rng.choice(3, p=_OBJECT_COUNT_WEIGHTS)) + 1
+        n_objects = int(rng.choice(3, p=object_weights)) + 1
     if n_objects not in (1, 2, 3):
         raise ParameterError(f"sample_scene: n_objects={n_objects} must be 1, 2 or 3")
     pairs, background = _sample_appearance(rng, split, n_objects)

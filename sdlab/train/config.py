@@ -27,6 +27,8 @@ from ..config import (
     VAEConfig,
 )
 from ..errors import ParameterError
+from ..shapes.dataset import ShapesMix
+from ..shapes.world import OBJECT_COUNT_WEIGHTS
 
 Task = Literal["diffusion", "vae"]
 Precision = Literal["no", "bf16"]
@@ -52,6 +54,8 @@ class TrainConfig:
     # --- data -------------------------------------------------------------------------------------------
     data: str = "shapes"  # "shapes" (the procedural world) or an image folder
     shapes_length: int = 100_000  # number of distinct shapes scenes per epoch
+    shapes_object_weights: tuple[float, float, float] = OBJECT_COUNT_WEIGHTS  # weights of 1, 2, 3 shapes
+    shapes_relation_share: float = 0.5  # two-shape scenes captioned "a red circle above a blue square"
     resolution: int = 64  # image side (buckets keep about resolution**2 pixels)
     center_crop: bool = True  # False: random crops
     random_flip: bool = False
@@ -112,6 +116,11 @@ class TrainConfig:
     def uses_lora(self) -> bool:
         return self.lora_rank > 0
 
+    @property
+    def shapes_mix(self) -> ShapesMix:
+        """The shapes world's training mix (`data="shapes"`)."""
+        return ShapesMix(self.shapes_object_weights, self.shapes_relation_share)
+
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
@@ -166,6 +175,10 @@ def _validate(c: TrainConfig) -> None:
            "cache_latents needs a deterministic crop: set center_crop=True and random_flip=False")
     _check(not (c.uses_lora and c.task == "vae"), "lora_rank applies to diffusion training, not task='vae'")
     _check(not (c.buckets and c.data == "shapes"), "buckets need an image folder; the shapes world is square")
+    try:
+        c.shapes_mix
+    except ParameterError as error:
+        raise ParameterError(f"TrainConfig.shapes_object_weights / shapes_relation_share: {error}") from None
     _check(not (c.random_flip and c.data == "shapes"),
            "random_flip would contradict the shapes captions ('left of', 'top right'); leave it off for 'shapes'")
 

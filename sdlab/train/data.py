@@ -26,7 +26,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ParameterError
-from ..shapes import ShapesDataset
+from ..shapes import ShapesDataset, ShapesMix
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +232,8 @@ class ShapesSource:
 
     deterministic = True
 
-    def __init__(self, resolution: int, length: int, seed: int = 0, split: str = "train"):
-        self.shapes = ShapesDataset(seed=seed, length=length, size=resolution, split=split)
+    def __init__(self, resolution: int, length: int, seed: int = 0, split: str = "train", mix: ShapesMix = ShapesMix()):
+        self.shapes = ShapesDataset(seed=seed, length=length, size=resolution, split=split, mix=mix)
         self.sizes = None
         self.skipped = SkipReport()
 

@@ -80,7 +80,7 @@ def fingerprint(vae: VAE, source, resolution: int) -> str:
     digest.update(repr(getattr(source, "sizes", None)).encode())
     shapes = getattr(source, "shapes", None)
     if shapes is not None:
-        digest.update(f"{shapes.seed}:{shapes.split}:{shapes.size}".encode())
+        digest.update(f"{shapes.seed}:{shapes.split}:{shapes.size}:{shapes.mix!r}".encode())
     return digest.hexdigest()
 
 

@@ -97,7 +97,7 @@ def lr_factor(config: TrainConfig, step: int) -> float:
 def make_source(config: TrainConfig, model: Model):
     """(train source, held-out source) of the configured data."""
     if config.data == "shapes":
-        train = ShapesSource(config.resolution, config.shapes_length, seed=config.seed)
+        train = ShapesSource(config.resolution, config.shapes_length, seed=config.seed, mix=config.shapes_mix)
         return train, ShapesSource(config.resolution, config.eval_size, seed=config.seed, split="heldout")
     buckets = make_buckets(config.resolution, _size_multiple(model)) if config.buckets else None
     folder = ImageFolderDataset(config.data, config.resolution, center_crop=config.center_crop,
