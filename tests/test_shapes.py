@@ -244,7 +244,8 @@ def test_a_mix_sets_how_many_shapes_and_how_often_they_are_related():
 
 @pytest.mark.parametrize("weights, share, complaint", [
     ((1, 1), 0.5, "object_weights"), ((1, -1, 1), 0.5, "object_weights"), ((0, 0, 0), 0.5, "object_weights"),
-    ((1, 1, float("nan")), 0.5, "object_weights"), ((1, 1, 1), 1.5, "relation_share"),
+    ((1, 1, float("nan")), 0.5, "object_weights"), ((1, "2", 1), 0.5, "object_weights"),
+    ((1, 1, 1), 1.5, "relation_share"), ((1, 1, 1), "0.5", "relation_share"),
 ])
 def test_a_bad_mix_is_refused(weights, share, complaint):
     with pytest.raises(ParameterError, match=complaint):

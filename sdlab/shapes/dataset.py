@@ -26,10 +26,11 @@ class ShapesMix:
 
     def __post_init__(self):
         weights = tuple(self.object_weights)
-        if len(weights) != 3 or not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        numbers = all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in weights)
+        if len(weights) != 3 or not numbers or sum(weights) <= 0:
             raise ParameterError(f"ShapesMix: object_weights={self.object_weights!r} must be three non-negative "
                                  "numbers (the weights of 1, 2 and 3 shapes) with a positive sum")
-        if not 0 <= self.relation_share <= 1:
+        if not isinstance(self.relation_share, (int, float)) or not 0 <= self.relation_share <= 1:
             raise ParameterError(f"ShapesMix: relation_share={self.relation_share!r} must lie in [0, 1]")
 
     @property
