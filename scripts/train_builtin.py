@@ -95,7 +95,8 @@ def main() -> None:
     parser.add_argument("--refine-steps", type=int, help="override refine.json's steps")
     parser.add_argument("--refine-from", type=Path,
                         help="start the refine stage from this saved model instead of <out>/unet/model")
-    parser.add_argument("--checkpoint", help="ship this refine-stage checkpoint instead of the newest")
+    parser.add_argument("--checkpoint",
+                        help="ship this checkpoint (of either diffusion stage) instead of the newest refine one")
     parser.add_argument("--ship-to", type=Path, default=None, help="default: sdlab/data/builtin")
     # One thread: on a shared 2-core machine two OpenMP threads waiting on each other were 4x slower.
     parser.add_argument("--threads", type=int, default=1)
