@@ -63,13 +63,16 @@ class ShapesDataset:
             raise IndexError(f"ShapesDataset: index {index} is outside [0, {self.length})")
         return np.random.default_rng([TRAIN_STREAM, self.seed, SPLITS.index(self.split), index])
 
+    def _draw_scene(self, rng: np.random.Generator) -> Scene:
+        return sample_scene(rng, self.split, object_weights=self.mix.object_probabilities)
+
     def scene(self, index: int) -> Scene:
         """The ground-truth scene of item `index`."""
-        return sample_scene(self._rng(index), self.split, object_weights=self.mix.object_probabilities)
+        return self._draw_scene(self._rng(index))
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, str]:
         rng = self._rng(index)
-        scene = sample_scene(rng, self.split, object_weights=self.mix.object_probabilities)
+        scene = self._draw_scene(rng)
         return np.asarray(render(scene, self.size)), caption(scene, rng, relation_share=self.mix.relation_share)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, str]]:
