@@ -263,7 +263,7 @@ def test_options_give_the_builtin_models_own_defaults():
     with TestClient(create_app(ServerSettings(model="builtin"))) as c:
         options = c.get("/sdapi/v1/options").json()
     assert options["sdlab_default_schedule"] == "automatic"  # zero-terminal SNR: its trailing timesteps
-    assert options["sdlab_default_cfg"] == 3.0  # carried in its model_index.json
+    assert options["sdlab_default_cfg"] == 2.0  # carried in its model_index.json
 
 
 def test_options_accept_only_the_model_and_only_by_name(tmp_path):
