@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     parser.add_argument("--out", type=Path, default=Path("runs/builtin-eval"))
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--cfg", type=float, help="default: the model's own (3 for the built-in model)")
+    parser.add_argument("--cfg", type=float, help="default: the model's own (2 for the built-in model)")
     parser.add_argument("--sampler", default=GenerationParams.sampler)
     parser.add_argument("--schedule", help="default: the model's (karras; automatic for zero-terminal-SNR models)")
     parser.add_argument("--deepcache", type=int, default=1, help="opt-in speedup (see sdlab.deepcache); 1 = off")

@@ -47,7 +47,7 @@ PARAM_FLAGS = {
     "schedule": ("--schedule", f"sigma schedule: {', '.join(SCHEDULES)} (default: karras; automatic for "
                                "zero-terminal-SNR models)"),
     "cfg_scale": ("--cfg", "classifier-free guidance scale, 1 = no guidance (default: the model's; 7 for SD, "
-                           "3 for the built-in model)"),
+                           "2 for the built-in model)"),
     "guidance_rescale": ("--guidance-rescale", "CFG rescale phi (Lin et al. 2023), 0 = off"),
     "seed": ("--seed", "random seed; image i of a batch uses seed + i (default: random)"),
     "batch_size": ("--batch", "images per prompt"),

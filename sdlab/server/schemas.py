@@ -26,7 +26,7 @@ class Txt2ImgRequest(_Lenient):
     negative_prompt: str = DEFAULTS.negative_prompt
     seed: int = Field(-1, description="-1 = random; image i of the request uses seed + i")
     steps: int = DEFAULTS.steps
-    cfg_scale: float | None = Field(None, description="default: the model's (7 for SD, 3 for the built-in model)")
+    cfg_scale: float | None = Field(None, description="default: the model's (7 for SD, 2 for the built-in model)")
     width: int | None = Field(None, description="default: the model's native size (img2img: the image's)")
     height: int | None = None
     sampler_name: str | None = Field(None, description=f"default {DEFAULTS.sampler!r}; see /sdapi/v1/samplers")
@@ -87,4 +87,4 @@ class OpenAIImageRequest(_Lenient):
     negative_prompt: str = DEFAULTS.negative_prompt
     seed: int | None = None
     steps: int = DEFAULTS.steps
-    cfg_scale: float | None = Field(None, description="default: the model's (7 for SD, 3 for the built-in model)")
+    cfg_scale: float | None = Field(None, description="default: the model's (7 for SD, 2 for the built-in model)")
