@@ -111,9 +111,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    if args.steps and args.stage in ("all", "ship"):
+    if args.steps is not None and args.stage in ("all", "ship"):
         parser.error("--steps applies to one training stage: name it with --stage")
-    if args.init_from and args.stage in ("all", "vae", "unet"):
+    if args.init_from is not None and args.stage in ("all", "vae", "unet"):
         parser.error("--init-from applies to --stage refine, polish or ship (vae and unet start from scratch)")
     args.out.mkdir(parents=True, exist_ok=True)
     init_from = str(args.init_from) if args.init_from else None
