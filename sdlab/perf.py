@@ -164,8 +164,10 @@ class _PackedWeight:
     first inference call, for its input shape) instead of at every call, as torch's eager ops do.
 
     The plain weight is dropped after packing, so memory does not double; `.weight` and `state_dict()` unpack
-    it on demand, bit for bit. With gradients enabled, on another device or dtype, it falls back to the
-    plain op. Inference only: convert the dtype and apply LoRAs before packing (`unpack` undoes it).
+    it on demand, bit for bit (`.weight` is then a temporary: writing into it changes nothing). `set_weight`
+    replaces the weight (LoRA merges go through it, via `sdlab.adapters.patch`): the layer holds the plain
+    weight again and packs it at its next inference call. With gradients enabled, on another device or
+    dtype, it falls back to the plain op. Inference only: convert the dtype before packing (`unpack` undoes it).
     """
 
     packed: torch.Tensor | None = None  # an mkldnn tensor
@@ -185,10 +187,19 @@ class _PackedWeight:
         self.packed = self._reorder(weight, x)
         release_pages(weight)
 
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Hold `weight` (out, in[, kh, kw], this layer's dtype) as the plain weight, dropping any pack; the
+        next inference call packs it again. The tensor is taken, not copied."""
+        self.packed = None
+        old = self._parameters.pop("weight", None)  # None if packed
+        others = dict(self._parameters)  # the weight goes first, as in a plain layer: state_dict() key order
+        self._parameters.clear()
+        self._parameters["weight"] = nn.Parameter(weight.detach(), requires_grad=old is not None and old.requires_grad)
+        self._parameters.update(others)
+
     def unpack(self) -> None:
         if self.packed is not None:
-            self._parameters["weight"] = nn.Parameter(self.packed.to_dense(), requires_grad=False)
-            self.packed = None
+            self.set_weight(self.packed.to_dense())
         self.__class__ = self._plain
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -198,8 +209,7 @@ class _PackedWeight:
 
     def _load_from_state_dict(self, *args, **kwargs):
         if self.packed is not None:  # load into a plain weight; the next call packs it again
-            self._parameters["weight"] = nn.Parameter(self.packed.to_dense(), requires_grad=False)
-            self.packed = None
+            self.set_weight(self.packed.to_dense())
         super()._load_from_state_dict(*args, **kwargs)
 
 

@@ -11,6 +11,7 @@ import torch
 
 import sdlab
 from sdlab import perf
+from sdlab.adapters.patch import WeightPatches, read_weight
 from sdlab.config import TINY
 from sdlab.errors import ParameterError
 
@@ -77,6 +78,70 @@ def test_packed_weights_save_reload_and_unpack_exactly(tmp_path):
     perf.unpack(model.unet)
     assert type(model.unet.conv_in) is torch.nn.Conv2d
     assert all(torch.equal(model.unet.state_dict()[k], before[k]) for k in before)
+
+
+def _packable_layers() -> dict[str, torch.nn.Module]:
+    gen = torch.Generator().manual_seed(2)
+    layers = {"linear": torch.nn.Linear(16, 8), "conv": torch.nn.Conv2d(8, 4, 3, padding=1)}
+    with torch.no_grad():
+        for layer in layers.values():
+            for p in layer.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+            layer.requires_grad_(False)
+    return layers
+
+
+def _layer_input(layer: torch.nn.Module) -> torch.Tensor:
+    shape = (2, 16) if isinstance(layer, torch.nn.Linear) else (1, 8, 6, 6)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(3))
+
+
+@needs_onednn
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@torch.no_grad()
+def test_set_weight_replaces_a_packed_weight_and_packs_it_again(kind):
+    layer = _packable_layers()[kind]
+    perf.prepack(layer)
+    x = _layer_input(layer)
+    layer(x)
+    keys = list(layer.state_dict())
+    assert layer.packed is not None and keys == ["weight", "bias"]
+    new = torch.randn(layer.weight.shape, generator=torch.Generator().manual_seed(4))
+    layer.set_weight(new)
+    assert layer.packed is None and torch.equal(layer.weight, new)
+    expected = torch.nn.functional.linear(x, new, layer.bias) if kind == "linear" else \
+        torch.nn.functional.conv2d(x, new, layer.bias, padding=1)
+    assert torch.allclose(layer(x), expected, atol=1e-5, rtol=0)
+    assert layer.packed is not None  # packed again at that call
+    assert list(layer.state_dict()) == keys and torch.equal(layer.state_dict()["weight"], new)
+
+
+@needs_onednn
+@pytest.mark.parametrize("state", ["plain", "packs-at-first-call", "packed"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@torch.no_grad()
+def test_weight_patches_replace_and_restore_any_layer_bit_for_bit(kind, state):
+    """The one mechanism LoRA merging uses: plain layers are written in place, packed ones through
+    set_weight; restoring gives back the exact weights, outputs and state_dict."""
+    layer, twin = _packable_layers()[kind], _packable_layers()[kind]  # twin: the same layer, never patched
+    x = _layer_input(layer)
+    for each in (layer, twin):
+        if state != "plain":
+            perf.prepack(each)
+        if state == "packed":
+            each(x)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    patches = WeightPatches()
+    changed = read_weight(layer) + 0.5
+    patches.replace(layer, changed)
+    assert torch.equal(read_weight(layer), changed)
+    assert (layer(x) - twin(x)).abs().max() > 0.1  # the patch is what runs
+    patches.replace(layer, changed * 2)  # a second patch of the same layer keeps the true original
+    patches.restore()
+    assert len(patches) == 0
+    after = layer.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert torch.equal(layer(x), twin(x))
 
 
 @needs_onednn
