@@ -16,7 +16,8 @@ Two uses:
 - training: `inject_lora(model, rank)` attaches trainable adapters by forward hooks (the model's own weights
   and state_dict keys stay untouched); `network.save(path)` writes the kohya file.
 - generation: `apply_lora(model, path_or_state, weight)` merges a file into the weights and returns a handle
-  whose `unmerge()` restores the original tensors exactly (they are kept, not recomputed).
+  whose `unmerge()` restores the original tensors exactly (they are kept, not recomputed). Merging goes
+  through `sdlab.adapters.patch`, so it works on `sdlab.perf.optimize`d models (packed weights) too.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .adapters.patch import WeightPatches, read_weight
 from .checkpoints.atomic import atomic_write
 from .checkpoints.io import read_checkpoint
 from .checkpoints.keymaps import unet_keymap
@@ -67,7 +69,8 @@ def adaptable_modules(model) -> dict[str, nn.Module]:
     the diffusers and the original (LDM) UNet names."""
     names: dict[str, nn.Module] = {}
     to_ldm = {diffusers: original for original, diffusers in unet_keymap(model.config.unet).pairs}
-    for path, module in model.unet.named_modules():
+    unet = getattr(model.unet, "_orig_mod", model.unet)  # a torch.compile'd UNet runs its layers' weights as they are
+    for path, module in unet.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             names[kohya_name(UNET_PREFIX, path)] = module
             ldm = _ldm_path(path, to_ldm)
@@ -201,18 +204,15 @@ class LoRAModule:
 
 @dataclass
 class MergedLoRA:
-    """The handle `apply_lora` returns: which weights it changed and their exact previous values."""
+    """The handle `apply_lora` returns: which layers it changed (with their exact previous weights)."""
 
-    originals: dict[nn.Parameter, torch.Tensor] = field(default_factory=dict)
+    patches: WeightPatches = field(default_factory=WeightPatches)
     applied: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
-    @torch.no_grad()
     def unmerge(self) -> None:
         """Restore every changed weight bit for bit. Unmerge stacked LoRAs in reverse order of applying."""
-        for param, original in self.originals.items():
-            param.copy_(original)
-        self.originals.clear()
+        self.patches.restore()
 
     def __enter__(self) -> MergedLoRA:
         return self
@@ -257,24 +257,29 @@ def apply_lora(model, source: str | os.PathLike | Mapping[str, torch.Tensor], we
     lora = read_lora(source)
     layers = adaptable_modules(model)
     handle = MergedLoRA()
-    for name, update in lora.items():
-        layer = layers.get(name)
-        if layer is None:
-            handle.skipped.append(name)
-            continue
-        _merge_into(layer.weight, update, weight, handle, name)
-        handle.applied.append(name)
+    try:
+        for name, update in lora.items():
+            layer = layers.get(name)
+            if layer is None:
+                handle.skipped.append(name)
+                continue
+            _merge_into(layer, update, weight, handle, name)
+            handle.applied.append(name)
+    except BaseException:  # a bad module half-way: leave the model as it was
+        handle.unmerge()
+        raise
     _report(source, handle)
     return handle
 
 
-def _merge_into(param: nn.Parameter, update: LoRAModule, weight: float, handle: MergedLoRA, name: str) -> None:
+def _merge_into(layer: nn.Module, update: LoRAModule, weight: float, handle: MergedLoRA, name: str) -> None:
+    current = read_weight(layer)  # (out, in[, kh, kw]); a packed layer's is an unpacked copy
     try:
-        delta = update.delta(param.shape)
+        delta = update.delta(current.shape)
     except CheckpointError as e:
         raise CheckpointError(f"LoRA module {name}: {e}") from None
-    handle.originals.setdefault(param, param.detach().clone())
-    param.copy_((param.float() + weight * delta.to(param.device)).to(param.dtype))
+    # in float32, rounded once to the layer's dtype (bf16/fp16 weights would lose the small update otherwise)
+    handle.patches.replace(layer, (current.float() + weight * delta.to(current.device)).to(current.dtype))
 
 
 def _report(source, handle: MergedLoRA) -> None:
