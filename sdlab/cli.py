@@ -168,6 +168,9 @@ def _add_serve(sub, common) -> None:
     p.add_argument("--basic-auth", default=os.environ.get("SDLAB_BASIC_AUTH"), metavar="USER:PASSWORD",
                    help="require HTTP basic auth (default: $SDLAB_BASIC_AUTH)")
     p.add_argument("--cors-origin", action="append", default=[], help="allow this origin (repeatable)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="answer requests for this Host name too (repeatable; '*' = any). Default: on loopback "
+                        "only localhost, 127.0.0.1 and [::1]; elsewhere any")
     p.add_argument("--queue-size", type=int, default=8, help="jobs that may wait; more get 429 (default: 8)")
     p.add_argument("--max-images", type=int, default=16, help="images per request (default: 16)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds the running job gets on SIGTERM")
@@ -389,7 +392,8 @@ def cmd_serve(args) -> int:
         raise SdlabError(f"the server needs the 'server' extra: pip install 'sdlab[server]' ({e})") from None
     settings = ServerSettings(
         model=args.model, models_dir=args.models_dir, host=args.host, port=args.port, api_key=args.api_key,
-        basic_auth=args.basic_auth, cors_origins=tuple(args.cors_origin), queue_size=args.queue_size,
+        basic_auth=args.basic_auth, cors_origins=tuple(args.cors_origin),
+        allowed_hosts=tuple(args.allowed_host), queue_size=args.queue_size,
         max_images=args.max_images, shutdown_grace_s=args.grace, device=args.device, dtype=args.dtype,
         log_level="info" if args.verbose else "warning",
     )

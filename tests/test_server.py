@@ -18,6 +18,7 @@ from sdlab.server import ServerSettings, create_app
 from sdlab.server.jobs import Job, JobQueue, QueueFullError
 
 SMALL = {"width": 32, "height": 32, "steps": 2}
+LOCAL = "http://localhost"  # a loopback server answers only loopback Host names (TestClient's own is testserver)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def reference_model():
 
 @pytest.fixture(scope="module")
 def client():
-    with TestClient(create_app(ServerSettings(model="random:tiny"))) as c:
+    with TestClient(create_app(ServerSettings(model="random:tiny")), base_url=LOCAL) as c:
         yield c
 
 
@@ -207,7 +208,7 @@ def test_queue_is_bounded_and_answers_429():
 
 def test_full_queue_over_http_is_429_with_retry_after():
     app = create_app(ServerSettings(model="random:tiny", queue_size=1))
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         gate = threading.Event()
         state = app.state.sdlab
         blocker = state.queue.submit(Job(work=lambda job: gate.wait(20)))  # occupies the worker
@@ -260,7 +261,7 @@ def test_lists(client):
 
 
 def test_options_give_the_builtin_models_own_defaults():
-    with TestClient(create_app(ServerSettings(model="builtin"))) as c:
+    with TestClient(create_app(ServerSettings(model="builtin")), base_url=LOCAL) as c:
         options = c.get("/sdapi/v1/options").json()
     assert options["sdlab_default_schedule"] == "automatic"  # zero-terminal SNR: its trailing timesteps
     assert options["sdlab_default_cfg"] == 2.0  # carried in its model_index.json
@@ -273,7 +274,7 @@ def test_options_accept_only_the_model_and_only_by_name(tmp_path):
             weight.mul_(1.5)  # different weights from the startup model's
     other.save(tmp_path / "other.safetensors", layout="single-file")
     app = create_app(ServerSettings(model="random:tiny", models_dir=tmp_path))
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         names = [m["model_name"] for m in c.get("/sdapi/v1/sd-models").json()]
         assert names == ["builtin", "random:tiny", "other"]
         assert all(m["filename"] in ("builtin", "random:tiny", "other.safetensors")
@@ -331,7 +332,7 @@ def test_openai_errors_are_400_in_openai_shape(client, body, param):
 
 
 def test_api_key_guards_every_route():
-    with TestClient(create_app(ServerSettings(model="random:tiny", api_key="s3cret"))) as c:
+    with TestClient(create_app(ServerSettings(model="random:tiny", api_key="s3cret")), base_url=LOCAL) as c:
         for path in ("/", "/sdapi/v1/samplers", "/static/app.js", "/docs"):
             r = c.get(path)
             assert r.status_code == 401 and "Basic" in r.headers["WWW-Authenticate"], path
@@ -342,7 +343,7 @@ def test_api_key_guards_every_route():
 
 
 def test_basic_auth():
-    with TestClient(create_app(ServerSettings(model="random:tiny", basic_auth="ann:pw"))) as c:
+    with TestClient(create_app(ServerSettings(model="random:tiny", basic_auth="ann:pw")), base_url=LOCAL) as c:
         assert c.get("/").status_code == 401
         assert c.get("/", auth=("ann", "pw")).status_code == 200
         assert c.get("/", auth=("bob", "pw")).status_code == 401
@@ -352,7 +353,7 @@ def test_no_cors_unless_configured(client):
     headers = {"Origin": "http://evil.example"}
     assert "access-control-allow-origin" not in client.get("/sdapi/v1/samplers", headers=headers).headers
     settings = ServerSettings(model="random:tiny", cors_origins=("http://ok.example",))
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(settings), base_url=LOCAL) as c:
         r = c.get("/sdapi/v1/samplers", headers={"Origin": "http://ok.example"})
         assert r.headers["access-control-allow-origin"] == "http://ok.example"
         r = c.get("/sdapi/v1/samplers", headers=headers)
@@ -370,3 +371,258 @@ def test_web_ui_is_served_and_self_contained(client):
     script = client.get("/static/app.js").text
     for text in (page.text, script, client.get("/static/style.css").text):
         assert "http://" not in text and "https://" not in text  # nothing fetched from elsewhere
+
+
+# ---- web-facing hardening ----
+
+
+def png_with_chunks(width: int, height: int, before_idat=(), after_idat=(), idat: bytes | None = None) -> bytes:
+    """A hand-made RGB PNG: its header declares width x height, with extra (type, data) chunks around IDAT."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    if idat is None:
+        idat = zlib.compress(b"".join(b"\0" + bytes(3 * width) for _ in range(height)))
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    return (b"\x89PNG\r\n\x1a\n" + header + b"".join(chunk(k, d) for k, d in before_idat) + chunk(b"IDAT", idat)
+            + b"".join(chunk(k, d) for k, d in after_idat) + chunk(b"IEND", b""))
+
+
+def ztxt_bomb(key: bytes = b"parameters") -> tuple[bytes, bytes]:
+    """A zTXt chunk of ~40 KB that inflates to 40 MB, past PIL's 1 MB limit for one text chunk."""
+    import zlib
+
+    return b"zTXt", key + b"\0\0" + zlib.compress(b"a" * (40 * 2**20), 9)
+
+
+def itxt_bomb() -> tuple[bytes, bytes]:
+    import zlib
+
+    return b"iTXt", b"parameters\0\1\0\0\0" + zlib.compress(b"a" * (40 * 2**20), 9)
+
+
+def b64_bytes(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def message_of(r) -> str:
+    body = r.json()
+    if "error" in body:
+        return body["error"]["message"]
+    detail = body["detail"]
+    return detail if isinstance(detail, str) else " ".join(e["msg"] for e in detail)
+
+
+def test_loopback_server_answers_only_loopback_host_names(client):
+    for host in ("localhost", "localhost:7860", "127.0.0.1:80", "[::1]:7860", "LocalHost"):
+        assert client.get("/sdapi/v1/progress", headers={"Host": host}).status_code == 200, host
+    for host in ("evil.example", "evil.example:7860", "localhost.evil.example", "127.0.0.1.nip.io", "x" * 5000):
+        r = client.get("/sdapi/v1/progress", headers={"Host": host})
+        assert r.status_code == 400, host
+        assert "valid: 127.0.0.1, [::1], localhost" in r.json()["detail"] and len(r.json()["detail"]) < 400
+
+
+def test_allowed_hosts_setting():
+    from sdlab.server.auth import host_refusal
+
+    loopback_plus = ServerSettings(allowed_hosts=("sd.example", "[fe80::1]"))
+    assert host_refusal("sd.example:7860", loopback_plus) is None and host_refusal("[fe80::1]", loopback_plus) is None
+    assert host_refusal("localhost", loopback_plus) is None and host_refusal("evil.example", loopback_plus)
+    assert host_refusal("evil.example", ServerSettings(host="0.0.0.0")) is None  # no list: any name
+    listed = ServerSettings(host="0.0.0.0", allowed_hosts=("sd.example",))
+    assert host_refusal("sd.example", listed) is None and host_refusal("evil.example", listed)
+    assert host_refusal(None, listed) and host_refusal("sd.example:port", listed)
+    assert host_refusal("evil.example", ServerSettings(allowed_hosts=("*",))) is None
+
+
+def test_serve_passes_allowed_hosts_and_refuses_empty_credentials(monkeypatch, capsys):
+    import sdlab.server
+    from sdlab.cli import main
+
+    served = []
+    monkeypatch.setattr(sdlab.server, "serve", served.append)
+    assert main(["serve", "--model", "random:tiny", "--allowed-host", "a.example", "--allowed-host", "b"]) == 0
+    assert served[0].allowed_hosts == ("a.example", "b")
+    assert main(["serve", "--api-key", ""]) == 2 and "api_key is empty" in capsys.readouterr().err
+    assert len(served) == 1
+
+
+@pytest.mark.parametrize("settings", [{"api_key": ""}, {"api_key": "  "}, {"basic_auth": ""},
+                                      {"basic_auth": "ann"}, {"basic_auth": ":pw"}, {"basic_auth": "ann:"}])
+def test_empty_credentials_are_a_startup_error(settings):
+    from sdlab.errors import ParameterError
+
+    with pytest.raises(ParameterError, match="api_key is empty|basic_auth must be 'user:password'"):
+        ServerSettings(**settings)
+
+
+@pytest.mark.parametrize("request_args", [
+    {"data": {"a": "b"}},  # a cross-site <form> POST
+    {"files": {"f": ("x.txt", b"x")}},  # multipart/form-data
+    {"content": b"{}", "headers": {"Content-Type": "text/plain"}},  # fetch(..., {mode: "no-cors", body})
+    {"content": b"{}", "headers": {}},  # a Blob without a type: no Content-Type at all
+    {"headers": {"Origin": "http://evil.example"}},
+    {"headers": {"Origin": "null"}},
+    {"headers": {"Origin": "http://localhost:3000"}},  # another local web app is another origin
+    {"headers": {"Sec-Fetch-Site": "cross-site"}},
+    {"json": {}, "headers": {"Origin": "http://evil.example"}},
+])
+def test_cross_site_and_form_posts_are_refused(client, request_args, monkeypatch):
+    from sdlab.server import a1111
+
+    stopped = []
+    monkeypatch.setattr(a1111, "interrupt", lambda request: stopped.append(1))
+    for path in ("/sdapi/v1/interrupt", "/sdapi/v1/skip", "/sdapi/v1/txt2img", "/sdapi/v1/options"):
+        r = client.post(path, **request_args)
+        assert r.status_code == 403, (path, r.text)
+        assert "refused" in r.json()["detail"]
+
+
+def test_same_origin_and_plain_json_posts_go_through(client):
+    for headers in ({}, {"Origin": "http://localhost"}, {"Origin": "http://localhost:80"},
+                    {"Sec-Fetch-Site": "same-origin", "Origin": "http://localhost"}):
+        assert client.post("/sdapi/v1/interrupt", headers=headers).status_code == 200, headers
+    assert client.post("/sdapi/v1/interrupt", json={}).status_code == 200
+    r = client.post("/sdapi/v1/txt2img", content=json.dumps({"prompt": "x", **SMALL}),
+                    headers={"Content-Type": "application/json; charset=utf-8", "Origin": "http://localhost"})
+    assert r.status_code == 200
+
+
+def test_allowed_cors_origin_may_post_and_preflight_without_auth():
+    settings = ServerSettings(model="random:tiny", api_key="k", cors_origins=("http://ok.example",))
+    c = TestClient(create_app(settings), base_url=LOCAL)  # no lifespan: these routes need no model
+    key = {"Authorization": "Bearer k"}
+    preflight = {"Access-Control-Request-Method": "POST", "Origin": "http://ok.example"}
+    r = c.options("/sdapi/v1/interrupt", headers=preflight)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://ok.example"
+    assert c.options("/sdapi/v1/interrupt", headers={**preflight, "Origin": "http://evil.example"}).status_code == 401
+    assert c.options("/sdapi/v1/interrupt").status_code == 401  # not a preflight
+    assert c.post("/sdapi/v1/interrupt", headers={"Origin": "http://ok.example", **key}).status_code == 200
+    assert c.post("/sdapi/v1/interrupt", headers={"Origin": "http://evil.example", **key}).status_code == 403
+    assert c.post("/sdapi/v1/interrupt", headers={"Origin": "http://ok.example"}).status_code == 401
+
+
+def test_options_requests_need_auth_without_cors():
+    c = TestClient(create_app(ServerSettings(model="random:tiny", api_key="k")), base_url=LOCAL)
+    preflight = {"Access-Control-Request-Method": "POST", "Origin": "http://localhost"}
+    for headers in ({}, preflight):
+        assert c.options("/sdapi/v1/txt2img", headers=headers).status_code == 401
+
+
+@pytest.mark.parametrize("path, raw, field", [
+    ("/sdapi/v1/txt2img", b'{"prompt": "x", "cfg_scale": NaN}', "cfg_scale"),
+    ("/sdapi/v1/txt2img", b'{"prompt": "x", "steps": Infinity}', "steps"),
+    ("/sdapi/v1/txt2img", b'{"prompt": "x", "eta": -Infinity}', "eta"),
+    ("/sdapi/v1/txt2img", b'{"prompt": "x", "cfg_scale": 1e999}', "cfg_scale"),
+    ("/sdapi/v1/txt2img", b'{"prompt": "x", "width": NaN, "height": "big"}', "width"),
+    ("/sdapi/v1/txt2img", b'{"prompt": "x", "override_settings": {"deepcache": {"n": [NaN]}}}',
+     "override_settings.deepcache.n[0]"),
+    ("/sdapi/v1/img2img", b'{"prompt": "x", "init_images": [], "denoising_strength": NaN}', "denoising_strength"),
+    ("/v1/images/generations", b'{"prompt": "x", "cfg_scale": NaN}', "cfg_scale"),
+    ("/v1/images/generations", b'{"prompt": "x", "n": Infinity}', "n"),
+])
+def test_non_finite_numbers_are_a_clear_4xx(client, path, raw, field):
+    r = client.post(path, content=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == (400 if path.startswith("/v1/") else 422), r.text
+    json.loads(r.text)  # strict JSON: no NaN in the answer
+    assert field in r.text and "finite" in message_of(r)
+
+
+def test_validation_errors_do_not_echo_huge_input(client):
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": "9" * 100 + "x" * 100_000})
+    assert r.status_code == 422 and len(r.text) < 500
+    assert r.json()["detail"][0]["loc"] == ["body", "steps"] and "input" not in r.json()["detail"][0]
+    r = client.post("/sdapi/v1/img2img", json={"prompt": "x", "init_images": [1] * 10_000})
+    assert r.status_code == 422 and len(r.json()["detail"]) <= 20
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "y" * 100_000})
+    assert r.status_code == 422 and len(r.text) < 1200 and "characters" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("png, message", [
+    pytest.param(png_with_chunks(4, 4, before_idat=[ztxt_bomb()]), "inflates past the decoder's limit", id="zTXt"),
+    pytest.param(png_with_chunks(4, 4, before_idat=[itxt_bomb()]), "inflates past the decoder's limit", id="iTXt"),
+    pytest.param(png_with_chunks(4, 4, after_idat=[ztxt_bomb(b"Comment")]), "inflates past the decoder's limit",
+                 id="zTXt-after-IDAT"),
+    pytest.param(png_with_chunks(4, 4, before_idat=[(b"iCCP", ztxt_bomb()[1])]), "inflates past the decoder's limit",
+                 id="iCCP"),
+    pytest.param(png_with_chunks(100_000, 100_000, idat=b"x"), "pixels", id="pixels-past-PIL-limit"),
+    pytest.param(png_with_chunks(5000, 5000, idat=b"x"), "5000x5000 is larger than", id="pixels-past-server-limit"),
+    pytest.param(png_with_chunks(64, 64)[:-40], "truncated", id="truncated"),
+    pytest.param(png_with_chunks(8, 8, idat=b"not zlib"), "not a readable image", id="bad-IDAT"),
+    pytest.param(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n", "not a readable image",
+                 id="EPS"),  # PIL would hand it to ghostscript
+])
+def test_image_bombs_and_broken_images_are_422(client, png, message):
+    text = b64_bytes(png)
+    for path, body, field in (("/sdapi/v1/png-info", {"image": text}, "image"),
+                              ("/sdapi/v1/img2img", {"prompt": "x", "init_images": [text]}, "init_images[0]")):
+        r = client.post(path, json=body)
+        assert r.status_code == 422, (path, r.text)
+        assert r.json()["detail"].startswith(f"{field}: ") and message in r.json()["detail"], r.text
+
+
+def test_png_info_parses_in_a_worker_thread_and_bounds_the_text(client, monkeypatch):
+    from sdlab.pngmeta import png_bytes
+    from sdlab.server import a1111
+
+    started, release = threading.Event(), threading.Event()
+
+    def slow_parse(text):
+        started.set()
+        release.wait(10)
+        return parse_infotext(text)
+
+    monkeypatch.setattr(a1111, "parse_infotext", slow_parse)
+    image = b64_bytes(png_bytes(Image.new("RGB", (4, 4)), "a cat\nSteps: 2, Sampler: Euler, Seed: 1"))
+    answer = {}
+    thread = threading.Thread(target=lambda: answer.update(r=client.post("/sdapi/v1/png-info", json={"image": image})))
+    thread.start()
+    try:
+        assert started.wait(10)
+        begin = time.monotonic()
+        assert client.get("/sdapi/v1/progress").status_code == 200
+        assert time.monotonic() - begin < 5, "the parse held the event loop"
+    finally:
+        release.set()
+        thread.join(30)
+    assert answer["r"].json()["parameters"]["Seed"] == "1"
+    limit = ServerSettings().max_infotext_chars
+    long_text = b64_bytes(png_bytes(Image.new("RGB", (4, 4)), "a" * limit + "\nSteps: 2"))
+    r = client.post("/sdapi/v1/png-info", json={"image": long_text})
+    assert r.status_code == 422 and f"parses at most {limit}" in r.json()["detail"]
+
+
+def test_request_bodies_are_bounded():
+    assert ServerSettings().body_limit > 3 * 16 * 2**20 * 4 // 3  # three full-size base64 images fit
+    c = TestClient(create_app(ServerSettings(model="random:tiny", max_body_bytes=10_000)), base_url=LOCAL)
+    big = json.dumps({"prompt": "x" * 20_000}).encode()
+    r = c.post("/sdapi/v1/txt2img", content=big, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "10000 bytes" in r.json()["detail"]
+    chunks = (big[i:i + 1000] for i in range(0, len(big), 1000))  # no Content-Length: counted as it arrives
+    r = c.post("/sdapi/v1/txt2img", content=chunks, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+    r = c.post("/v1/images/generations", content=big, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("raw", [
+    pytest.param(b"[" * 100_000, id="arrays"),
+    pytest.param(b'{"a":' * 100_000, id="objects"),
+    pytest.param(b'{"prompt": "x", "override_settings": {"a": ' + b"[" * 300 + b"]" * 300 + b"}}",
+                 id="300-in-override_settings"),  # was a 500: the answer's encoder recursed
+])
+def test_deeply_nested_json_is_refused_quickly(client, raw):
+    begin = time.monotonic()
+    r = client.post("/sdapi/v1/txt2img", content=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "nests deeper than" in r.json()["detail"]
+    assert time.monotonic() - begin < 2
+
+
+def test_json_depth_ignores_brackets_in_strings():
+    from sdlab.server.codec import json_depth
+
+    assert json_depth(b'{"a": "[[[{{", "b": [1, {"c": "\\"]]]"}]}') == 3
+    assert json_depth(b"[]" * 3_000_000, chunk=2**16) == 1 and json_depth(b"") == 0

@@ -8,6 +8,7 @@ and its request returns the images as they are. Differences: the server never wr
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -213,11 +214,21 @@ async def set_options(body: OptionsUpdate, request: Request) -> dict:
 
 @router.post("/png-info", response_model=PNGInfoResponse)
 async def png_info(body: PNGInfoRequest, request: Request) -> PNGInfoResponse:
-    image = decode_image(body.image, "image", _state(request).settings.max_upload_bytes)
+    settings = _state(request).settings
+    # Decoding and parsing take CPU time that a client chooses: a worker thread's, not the event loop's.
+    return await asyncio.to_thread(_read_png_info, body.image, settings.max_upload_bytes,
+                                   settings.max_infotext_chars)
+
+
+def _read_png_info(image_b64: str, max_bytes: int, max_chars: int) -> PNGInfoResponse:
+    image = decode_image(image_b64, "image", max_bytes)
     items = {k: v for k, v in image.info.items() if isinstance(v, str)}
     text = items.pop(PARAMETERS_KEY, "")
     if not text:
         return PNGInfoResponse(info="", items=items, parameters={})
+    if len(text) > max_chars:
+        raise ParameterError(f"image: its {PARAMETERS_KEY} text is {len(text)} characters; this server parses "
+                             f"at most {max_chars}")
     parsed = parse_infotext(text)
     parameters = {"Prompt": parsed.prompt, "Negative prompt": parsed.negative_prompt, **parsed.fields}
     return PNGInfoResponse(info=text, items=items, parameters=parameters)

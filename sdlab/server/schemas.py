@@ -8,9 +8,10 @@ run before any model work (422 with its message).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..params import GenerationParams
 
@@ -18,7 +19,8 @@ DEFAULTS = GenerationParams()
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    # allow_inf_nan: Python's JSON parser reads NaN and Infinity, which are no valid value of any float field
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), allow_inf_nan=False)
 
 
 class Txt2ImgRequest(_Lenient):
@@ -39,6 +41,14 @@ class Txt2ImgRequest(_Lenient):
     force_task_id: str | None = Field(None, description="the job id to use (for /sdlab/v1/jobs/{id})")
     send_images: bool = True
     save_steps: bool = Field(False, description="sdlab: keep the x0 preview of every step for /sdlab/v1/jobs/{id}/steps")
+
+    @field_validator("override_settings")
+    @classmethod
+    def _finite_numbers(cls, settings: dict[str, Any]) -> dict[str, Any]:
+        path = _non_finite_number(settings)
+        if path is not None:
+            raise ValueError(f"override_settings{path} is not a finite number (NaN and Infinity are not JSON)")
+        return settings
 
 
 class Img2ImgRequest(Txt2ImgRequest):
@@ -88,3 +98,17 @@ class OpenAIImageRequest(_Lenient):
     seed: int | None = None
     steps: int = DEFAULTS.steps
     cfg_scale: float | None = Field(None, description="default: the model's (7 for SD, 2 for the built-in model)")
+
+
+def _non_finite_number(value: Any) -> str | None:
+    """The path ('.key[0]') to the first NaN or infinity inside nested dicts and lists, or None."""
+    pending = [("", value)]
+    while pending:
+        path, item = pending.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return path
+        if isinstance(item, dict):
+            pending.extend((f"{path}.{str(key)[:40]}", child) for key, child in item.items())
+        elif isinstance(item, list):
+            pending.extend((f"{path}[{i}]", child) for i, child in enumerate(item))
+    return None

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import ParameterError
+
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -15,7 +17,9 @@ class ServerSettings:
     Security defaults: it listens on loopback only; with `api_key` every route needs
     `Authorization: Bearer <key>` (or HTTP basic auth whose password is the key, which lets a browser log
     in); with `basic_auth` ("user:password") every route needs those credentials. No CORS headers are sent
-    unless `cors_origins` lists origins. Clients pick models by *name* only, among `builtin`, the startup
+    unless `cors_origins` lists origins. On loopback, only requests for localhost / 127.0.0.1 / [::1] (and
+    `allowed_hosts`) are answered, so that a web page cannot reach it through DNS rebinding; cross-site and
+    non-JSON POSTs are refused (CSRF). Clients pick models by *name* only, among `builtin`, the startup
     `model`, and the checkpoints found directly in `models_dir`; no request carries a filesystem path.
     """
 
@@ -36,6 +40,39 @@ class ServerSettings:
     dtype: str = "fp32"
     log_level: str = "info"
 
+    # Web-facing checks (auth.py, app.py). allowed_hosts: Host header names answered besides localhost,
+    # 127.0.0.1 and [::1] (with any port); "*" = any. On a non-loopback address, empty = any.
+    allowed_hosts: tuple[str, ...] = ()
+    max_body_bytes: int | None = None  # a request body; None: room for 3 base64 images of max_upload_bytes
+    max_infotext_chars: int = 32 * 1024  # /png-info parses at most this much `parameters` text
+
+    def __post_init__(self) -> None:
+        _check_credentials(self)
+
     @property
     def is_loopback(self) -> bool:
         return self.host in LOOPBACK_HOSTS
+
+    @property
+    def body_limit(self) -> int:
+        base64_image = self.max_upload_bytes * 4 // 3 + 4
+        return self.max_body_bytes if self.max_body_bytes is not None else 3 * base64_image + 2**20
+
+    @property
+    def host_names(self) -> frozenset[str] | None:
+        """The Host names (lower case, without port or brackets) requests may carry; None = any."""
+        if "*" in self.allowed_hosts or not (self.is_loopback or self.allowed_hosts):
+            return None  # on the network, clients may use names the server cannot know; --allowed-host narrows it
+        return frozenset((*LOOPBACK_HOSTS, *(h.strip("[]").lower() for h in self.allowed_hosts)))
+
+
+def _check_credentials(settings: ServerSettings) -> None:
+    """An empty key or password would look like protection and be none (or refuse everyone)."""
+    if settings.api_key is not None and not settings.api_key.strip():
+        raise ParameterError("api_key is empty: give a non-empty key (--api-key / SDLAB_API_KEY), or none to "
+                             "serve without authentication")
+    if settings.basic_auth is not None:
+        user, sep, password = settings.basic_auth.partition(":")
+        if not (sep and user and password):
+            raise ParameterError("basic_auth must be 'user:password' with a non-empty user and password "
+                                 "(--basic-auth / SDLAB_BASIC_AUTH)")
