@@ -1,7 +1,9 @@
 """What is this checkpoint? A summary of a diffusers folder or single file, for `sdlab info`.
 
-Reads the weights memory-mapped (nothing is computed on them, only shapes and dtypes are looked at), and
-hashes the file(s) that `sdlab.fingerprint` hashes for the "Model hash" field.
+Reads the weights memory-mapped (nothing is computed on them, only shapes and dtypes are looked at), checks
+them against the networks their config describes exactly as `sdlab.load` does (on the meta device, so a file
+that `load` would refuse is refused here too), and hashes the file(s) that `sdlab.fingerprint` hashes for the
+"Model hash" field.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 from .checkpoints import load_checkpoint
 from .fingerprint import checkpoint_sha256, hashed_files, short_hash
+from .model import check_checkpoint
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 
@@ -20,6 +23,7 @@ def describe_checkpoint(path: str | os.PathLike, *, hash_files: bool = True) -> 
     """A JSON-ready summary: layout, family, prediction, sizes, dtypes, parameter counts, hash."""
     path = Path(path)
     ckpt = load_checkpoint(path)
+    check_checkpoint(ckpt)
     config = ckpt.config
     weights = {name: getattr(ckpt, name) for name in COMPONENTS}
     info = {

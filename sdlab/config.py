@@ -6,17 +6,48 @@ diffusers `config.json` uses another name, `sdlab.checkpoints.configs` translate
 
 Presets: SD15, SD15_INPAINT, SD21_BASE (eps, 512), SD21 (v, 768), SD2_INPAINT, and TINY (a few-hundred-
 thousand-parameter model of the same structure for tests).
+
+Every config checks its fields when it is made (types, `SIZE_LIMITS`, and the rules that tie fields together,
+such as channels being a multiple of the GroupNorm groups) and raises `ParameterError` naming the field, so
+that no config (typed in, or read from a file) can make sdlab build networks of unbounded size. The error
+messages never repeat the offending value: configs are often read from files whose content must not leak.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Literal
+
+from .errors import ParameterError
 
 Activation = Literal["quick_gelu", "gelu"]
 Prediction = Literal["epsilon", "v_prediction"]
 BetaSchedule = Literal["scaled_linear", "linear"]
+
+# Sanity bounds, (low, high) inclusive, by kind of size. Each leaves a wide margin around what released SD 1.x,
+# SD 2.x and SDXL models use (in the comments), while keeping the largest network sdlab would build on the
+# meta device to seconds and a few hundred MB.
+SIZE_LIMITS: dict[str, tuple[int, int]] = {
+    "levels": (1, 8),  # resolution levels of the UNet and VAE: SD 4, SDXL 3
+    "image_channels": (1, 64),  # UNet in/out (4, inpainting 9), VAE in/out (3) and latent channels (4)
+    "channels": (1, 8192),  # block widths: SD's UNet 320..1280, VAE 128..512
+    "layers_per_block": (1, 8),  # SD and SDXL 2
+    "transformer_depth": (1, 16),  # SD 1, SDXL up to 10
+    "context_dim": (1, 8192),  # SD 1.x 768, SD 2.x 1024, SDXL 2048
+    "num_heads": (1, 256),  # SD 1.x 8, SD 2.x and SDXL 5..20
+    "head_dim": (1, 1024),  # SD 2.x 64
+    "norm_groups": (1, 1024),  # 32
+    "vocab_size": (1, 1 << 20),  # CLIP 49408
+    "max_length": (1, 4096),  # CLIP 77
+    "width": (1, 16384),  # CLIP ViT-L 768, OpenCLIP ViT-H 1024, ViT-bigG 1280
+    "num_layers": (1, 128),  # 12, 23, 32
+    "mlp_width": (1, 65536),  # 3072, 4096, 5120
+    "num_train_timesteps": (1, 100_000),  # 1000
+    "default_size": (8, 16384),  # 512, 768, 1024
+}
+MAX_SCALE = 1000.0  # VAE scaling/shift factors: SD 0.18215, SDXL 0.13025, SD3 1.5305 (shift 0.0609)
 
 
 @dataclass(frozen=True)
@@ -37,6 +68,15 @@ class TextEncoderConfig:
     layer_norm_eps: float = 1e-5
     # Token id that pads a prompt up to max_length: <|endoftext|> (49407) for SD 1.x, "!" (0) for SD 2.x.
     pad_token_id: int = 49407
+
+    def __post_init__(self):
+        _check_ints(self, vocab_size="vocab_size", max_length="max_length", width="width",
+                    num_layers="num_layers", num_heads="num_heads", mlp_width="mlp_width")
+        _check_number(self, "layer_norm_eps", 0.0, 1.0)
+        if not _is_int(self.pad_token_id) or not 0 <= self.pad_token_id < self.vocab_size:
+            raise ParameterError("TextEncoderConfig.pad_token_id must be a token id from 0 to vocab_size - 1")
+        if self.width % self.num_heads:
+            raise ParameterError("TextEncoderConfig.width must be a multiple of num_heads (each head gets an equal share)")
 
 
 @dataclass(frozen=True)
@@ -68,13 +108,35 @@ class UNetConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self):
+        _check_ints(self, in_channels="image_channels", out_channels="image_channels",
+                    layers_per_block="layers_per_block", context_dim="context_dim",
+                    transformer_depth="transformer_depth", norm_groups="norm_groups")
+        _set_tuple(self, "channels", _check_levels(self, "channels", self.channels))
+        _set_tuple(self, "attention_levels", _check_flags(self, "attention_levels", self.attention_levels))
         if len(self.channels) != len(self.attention_levels):
-            raise ValueError(
+            raise ParameterError(
                 f"UNetConfig: channels has {len(self.channels)} levels but attention_levels has "
                 f"{len(self.attention_levels)}; give one flag per level"
             )
         if (self.num_heads is None) == (self.head_dim is None):
-            raise ValueError("UNetConfig: give exactly one of num_heads and head_dim")
+            raise ParameterError("UNetConfig: give exactly one of num_heads and head_dim")
+        _check_ints(self, **({"num_heads": "num_heads"} if self.head_dim is None else {"head_dim": "head_dim"}))
+        _check_bools(self, "use_linear_projection", "upcast_attention")
+        _check_number(self, "norm_eps", 0.0, 1.0)
+        _check_groups(self, self.channels, self.norm_groups)
+        self._check_heads()
+
+    def _check_heads(self) -> None:
+        last = len(self.channels) - 1
+        for level, ch in enumerate(self.channels):
+            if not (self.attention_levels[level] or level == last):  # the middle block always attends
+                continue
+            heads = self.heads_at(level)
+            if heads < 1 or ch % heads or (self.head_dim is not None and ch % self.head_dim):
+                raise ParameterError(
+                    f"UNetConfig.channels[{level}] does not split into attention heads of num_heads/head_dim; "
+                    f"use a multiple of the head count or size"
+                )
 
     @property
     def time_embed_dim(self) -> int:
@@ -104,6 +166,14 @@ class VAEConfig:
     scaling_factor: float = 0.18215
     shift_factor: float = 0.0
 
+    def __post_init__(self):
+        _check_ints(self, in_channels="image_channels", out_channels="image_channels",
+                    latent_channels="image_channels", layers_per_block="layers_per_block", norm_groups="norm_groups")
+        _set_tuple(self, "channels", _check_levels(self, "channels", self.channels))
+        _check_groups(self, self.channels, self.norm_groups)
+        _check_number(self, "scaling_factor", 0.0, MAX_SCALE)
+        _check_number(self, "shift_factor", -MAX_SCALE, MAX_SCALE, low_inclusive=True)
+
     @property
     def downscale(self) -> int:
         """Pixels per latent along each side (8 for SD)."""
@@ -125,6 +195,16 @@ class ScheduleConfig:
     # Rescale the betas to zero terminal SNR (Lin et al. 2023); models trained that way need it to sample.
     zero_terminal_snr: bool = False
 
+    def __post_init__(self):
+        _check_ints(self, num_train_timesteps="num_train_timesteps")
+        _check_number(self, "beta_start", 0.0, 1.0)
+        _check_number(self, "beta_end", 0.0, 1.0)
+        if self.beta_start > self.beta_end:
+            raise ParameterError("ScheduleConfig.beta_start must not exceed beta_end")
+        if not _is_int(self.steps_offset) or not 0 <= self.steps_offset < self.num_train_timesteps:
+            raise ParameterError("ScheduleConfig.steps_offset must be an integer from 0 to num_train_timesteps - 1")
+        _check_bools(self, "zero_terminal_snr")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -139,12 +219,97 @@ class ModelConfig:
     default_size: int = 512  # the image side the model was trained at
     default_guidance: float = 7.0  # the CFG scale generation uses when none is given
 
+    def __post_init__(self):
+        if not isinstance(self.name, str):
+            raise ParameterError(f"ModelConfig.name must be a string{_got(self.name)}")
+        for name, cls in (("text_encoder", TextEncoderConfig), ("unet", UNetConfig), ("vae", VAEConfig),
+                          ("schedule", ScheduleConfig)):
+            if not isinstance(getattr(self, name), cls):
+                raise ParameterError(f"ModelConfig.{name} must be a {cls.__name__}{_got(getattr(self, name))}")
+        _check_ints(self, default_size="default_size")
+        _check_number(self, "default_guidance", 0.0, 100.0, low_inclusive=True)
+
     @property
     def is_inpainting(self) -> bool:
         return self.unet.in_channels == 9
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+
+# --- validation helpers -----------------------------------------------------------------------------------
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _got(value) -> str:
+    """What kind of value was given, for messages that must not repeat the value itself."""
+    return "" if _is_int(value) else f" (got {describe_type(value)})"
+
+
+def describe_type(value) -> str:
+    """The JSON-ish kind of a value ("a string", "a list", "null"...), for error messages."""
+    if value is None:
+        return "null"
+    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+             tuple: "a list", dict: "an object"}
+    return kinds.get(type(value), f"a {type(value).__name__}")
+
+
+def _check_ints(config, **limits: str) -> None:
+    """Each named field must be an integer within SIZE_LIMITS[its kind]."""
+    for name, kind in limits.items():
+        low, high = SIZE_LIMITS[kind]
+        value = getattr(config, name)
+        if not _is_int(value) or not low <= value <= high:
+            raise ParameterError(f"{type(config).__name__}.{name} must be an integer from {low} to {high}{_got(value)}")
+
+
+def _check_levels(config, name: str, values) -> tuple[int, ...]:
+    low, high = SIZE_LIMITS["channels"]
+    most = SIZE_LIMITS["levels"][1]
+    ok = isinstance(values, (tuple, list)) and 1 <= len(values) <= most
+    if not ok or not all(_is_int(v) and low <= v <= high for v in values):
+        raise ParameterError(
+            f"{type(config).__name__}.{name} must be 1 to {most} integers (one per level) from {low} to {high}"
+        )
+    return tuple(values)
+
+
+def _check_flags(config, name: str, values) -> tuple[bool, ...]:
+    if not isinstance(values, (tuple, list)) or not all(isinstance(v, bool) for v in values):
+        raise ParameterError(f"{type(config).__name__}.{name} must be a tuple of booleans, one per level")
+    return tuple(values)
+
+
+def _check_bools(config, *names: str) -> None:
+    for name in names:
+        if not isinstance(getattr(config, name), bool):
+            raise ParameterError(f"{type(config).__name__}.{name} must be a boolean{_got(getattr(config, name))}")
+
+
+def _check_number(config, name: str, low: float, high: float, *, low_inclusive: bool = False) -> None:
+    """A finite real number in (low, high] (or [low, high])."""
+    value = getattr(config, name)
+    real = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not real or not (low <= value if low_inclusive else low < value) or value > high:
+        bracket = "[" if low_inclusive else "("
+        raise ParameterError(
+            f"{type(config).__name__}.{name} must be a number in {bracket}{low:g}, {high:g}]"
+            + ("" if isinstance(value, (int, float)) else f" (got {describe_type(value)})")
+        )
+
+
+def _check_groups(config, channels: tuple[int, ...], groups: int) -> None:
+    for level, ch in enumerate(channels):
+        if ch % groups:
+            raise ParameterError(f"{type(config).__name__}.channels[{level}] is not a multiple of norm_groups")
+
+
+def _set_tuple(config, name: str, value: tuple) -> None:
+    object.__setattr__(config, name, value)  # a list given for a tuple field is stored as a tuple (frozen)
 
 
 _OPENCLIP_H = TextEncoderConfig(

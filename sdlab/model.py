@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from . import checkpoints
+from .checkpoints.io import quoted_key
 from .config import PRESETS, ModelConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, ParameterError
 from .nn.clip import TextEncoder
 from .nn.unet import UNet
 from .nn.vae import VAE
@@ -68,8 +69,8 @@ class Model:
         dtype: fp16 files are converted to fp32 by default, which a CPU needs for speed.
         """
         ckpt = checkpoints.load_checkpoint(path, family=family, prediction=prediction, variant=variant)
-        with torch.device("meta"):
-            nets = _networks(ckpt.config)
+        nets = _meta_networks(ckpt)
+        check_weights_fit(nets, ckpt)
         for name in COMPONENTS:
             _assign(nets[name], getattr(ckpt, name), dtype, device, where=f"{ckpt.source} ({name})")
         tokenizer = (
@@ -144,25 +145,63 @@ def _networks(config: ModelConfig) -> dict[str, nn.Module]:
     return nets
 
 
+def check_checkpoint(ckpt: checkpoints.LoadedCheckpoint) -> None:
+    """Raise `CheckpointError` unless every weight of `ckpt` fits the networks its config describes: the same
+    keys, shapes and kinds of dtype that `Model.load` needs. The networks are built on the meta device and no
+    tensor data is read, so this is cheap even for memory-mapped multi-GB files (`sdlab info` uses it)."""
+    check_weights_fit(_meta_networks(ckpt), ckpt)
+
+
+def check_weights_fit(nets: dict[str, nn.Module], ckpt: checkpoints.LoadedCheckpoint) -> None:
+    for name in COMPONENTS:
+        _check_fit(nets[name], getattr(ckpt, name), where=f"{ckpt.source} ({name})")
+
+
+def _meta_networks(ckpt: checkpoints.LoadedCheckpoint) -> dict[str, nn.Module]:
+    try:
+        with torch.device("meta"):
+            return _networks(ckpt.config)
+    except ParameterError as e:  # a config that passed its own checks but not a network's
+        raise CheckpointError(f"{ckpt.source}: its config describes networks sdlab cannot build: {e}") from e
+
+
+def _check_fit(net: nn.Module, state: dict[str, torch.Tensor], *, where: str) -> None:
+    """The names, shapes and dtype kinds of `state` against `net`'s own (meta) state dict."""
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{where}: the weights do not fit the {type(net).__name__} architecture: {len(missing)} missing keys "
+            f"{_names(missing)}, {len(unexpected)} unexpected keys {_names(unexpected)}"
+        )
+    wrong = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items() if v.shape != expected[k].shape]
+    if wrong:
+        examples = "; ".join(f"{quoted_key(k)}: {got}, expected {want}" for k, got, want in wrong[:3])
+        raise CheckpointError(f"{where}: {len(wrong)} tensors have the wrong shape, e.g. {examples}")
+    # An integer or boolean tensor where the network has floating-point weights would stay one (only floating
+    # tensors are converted to the compute dtype) and fail at the first step.
+    not_float = [k for k, v in state.items() if expected[k].is_floating_point() and not v.is_floating_point()]
+    if not_float:
+        key = not_float[0]
+        raise CheckpointError(
+            f"{where}: {len(not_float)} tensors are not floating-point where the network's are, e.g. "
+            f"{quoted_key(key)} ({str(state[key].dtype).removeprefix('torch.')})"
+        )
+
+
+def _names(keys: list[str], shown: int = 5) -> str:
+    return "[" + ", ".join(quoted_key(k) for k in keys[:shown]) + (", ..." if len(keys) > shown else "") + "]"
+
+
 def _default_tokenizer(config: ModelConfig) -> CLIPTokenizer:
     text = config.text_encoder
     return CLIPTokenizer.default(pad_token_id=text.pad_token_id, max_length=text.max_length)
 
 
 def _assign(net: nn.Module, state: dict[str, torch.Tensor], dtype, device, *, where: str) -> None:
-    """Load `state` into a meta-device `net` by assignment (no copy unless dtype/device change)."""
-    expected = net.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{where}: the weights do not fit the {type(net).__name__} architecture: "
-            f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}"
-        )
-    wrong = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items() if v.shape != expected[k].shape]
-    if wrong:
-        key, got, want = wrong[0]
-        raise CheckpointError(f"{where}: {len(wrong)} tensors have the wrong shape, e.g. {key}: {got}, expected {want}")
+    """Load `state` into a meta-device `net` by assignment (no copy unless dtype/device change); `state` has
+    been checked to fit (`check_weights_fit`)."""
     # Assign the (memory-mapped) tensors as they are, then convert one tensor at a time, releasing each
     # source's pages: converting the whole dict first would hold the fp32 file and its copy at once (perf edit).
     net.load_state_dict(state, strict=True, assign=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from .atomic import DestinationExistsError, atomic_folder, atomic_write
 from .convert import diffusers_to_ldm, ldm_to_diffusers
 from .detect import SUPPORTED_FAMILIES, detect_family, resolve_family
 from .diffusers_folder import cast, is_diffusers_folder, read_folder, write_folder
-from .io import read_checkpoint, read_state_dict
+from .io import check_path, read_checkpoint, read_state_dict
 from .single_file import read_single_file, write_single_file
 
 __all__ = [
@@ -68,9 +69,7 @@ def load_checkpoint(
     """
     path = Path(path)
     _check_prediction(prediction)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
-    if path.is_dir():
+    if stat.S_ISDIR(check_path(path).st_mode):  # (a missing path or a symlink loop is reported here)
         config, weights, tokenizer_dir = _load_folder(path, family, prediction, variant)
     else:
         if variant:

@@ -18,18 +18,29 @@ Where the names differ:
 
 Settings of the diffusers classes that sdlab's networks do not implement (class embeddings, other block
 types...) raise `CheckpointError` naming the field, rather than loading a model that would compute
-something else.
+something else. Every field read is checked for its JSON type and range (`sdlab.config.SIZE_LIMITS`) before
+anything is built; messages name the file and the field but never repeat the file's value.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
-from ..config import PRESETS, ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig, VAEConfig
-from ..errors import CheckpointError
+from ..config import (
+    PRESETS,
+    SIZE_LIMITS,
+    ModelConfig,
+    ScheduleConfig,
+    TextEncoderConfig,
+    UNetConfig,
+    VAEConfig,
+    describe_type,
+)
+from ..errors import CheckpointError, ParameterError
 
 DIFFUSERS_VERSION = "0.30.0"  # the oldest diffusers release whose config format these files follow
 
@@ -63,6 +74,8 @@ VAE_FIXED: dict[str, Any] = {
 }
 CLIP_ACTIVATIONS = ("quick_gelu", "gelu")
 CLIP_ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection")
+MAX_SAMPLE_SIZE = 2048  # the UNet's latent side: SD 64/96, SDXL 128
+_REQUIRED = object()
 
 
 # --- UNet -----------------------------------------------------------------------------------------------
@@ -70,28 +83,36 @@ CLIP_ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 
 def unet_from_diffusers(d: Mapping[str, Any], where: str = "unet/config.json") -> UNetConfig:
     _check_fixed(d, UNET_FIXED, where)
-    channels = tuple(_required(d, "block_out_channels", where))
+    channels = _channels(d, where)
     attention = tuple(_attention_levels(d, where))
     if len(attention) != len(channels):
         raise CheckpointError(
             f"{where}: down_block_types has {len(attention)} entries but block_out_channels has {len(channels)}"
         )
     num_heads, head_dim = _heads(d, channels, where)
-    return UNetConfig(
-        in_channels=d.get("in_channels", 4),
-        out_channels=d.get("out_channels", 4),
+    return _build(UNetConfig, where,
+        in_channels=_int(d, "in_channels", where, 4, "image_channels"),
+        out_channels=_int(d, "out_channels", where, 4, "image_channels"),
         channels=channels,
         attention_levels=attention,
-        layers_per_block=_single_int(d.get("layers_per_block", 2), "layers_per_block", where),
-        context_dim=_single_int(d.get("cross_attention_dim", 1280), "cross_attention_dim", where),
+        layers_per_block=_single_int(d, "layers_per_block", where, 2, "layers_per_block"),
+        context_dim=_single_int(d, "cross_attention_dim", where, 1280, "context_dim"),
         num_heads=num_heads,
         head_dim=head_dim,
-        transformer_depth=_single_int(d.get("transformer_layers_per_block", 1), "transformer_layers_per_block", where),
-        use_linear_projection=bool(d.get("use_linear_projection", False)),
-        upcast_attention=bool(d.get("upcast_attention", False)),
-        norm_groups=d.get("norm_num_groups", 32),
-        norm_eps=d.get("norm_eps", 1e-5),
-    )
+        transformer_depth=_single_int(d, "transformer_layers_per_block", where, 1, "transformer_depth"),
+        use_linear_projection=_bool(d, "use_linear_projection", where, False),
+        upcast_attention=_bool(d, "upcast_attention", where, False),
+        norm_groups=_int(d, "norm_num_groups", where, 32, "norm_groups"),
+        norm_eps=_number(d, "norm_eps", where, 1e-5, 0.0, 1.0),
+    )  # fmt: skip
+
+
+def unet_sample_size(d: Mapping[str, Any], where: str = "unet/config.json") -> int:
+    """The latent side the UNet was trained at (`sample_size`, 64 when absent)."""
+    value = d.get("sample_size", 64)
+    if not _is_int(value) or not 1 <= value <= MAX_SAMPLE_SIZE:
+        raise CheckpointError(f"{where}: sample_size must be an integer from 1 to {MAX_SAMPLE_SIZE}{_got(value)}")
+    return value
 
 
 def unet_to_diffusers(cfg: UNetConfig, sample_size: int) -> dict[str, Any]:
@@ -120,37 +141,39 @@ def unet_to_diffusers(cfg: UNetConfig, sample_size: int) -> dict[str, Any]:
 
 
 def _attention_levels(d: Mapping[str, Any], where: str) -> list[bool]:
-    down = _required(d, "down_block_types", where)
     known = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
-    unknown = [t for t in down if t not in known]
-    if unknown:
-        raise CheckpointError(f"{where}: down_block_types {unknown} are not supported; use {list(known)}")
+    down = _str_list(d, "down_block_types", where, _REQUIRED)
+    if any(t not in known for t in down):
+        raise CheckpointError(f"{where}: down_block_types names a block type sdlab does not support; use {list(known)}")
     levels = [known[t] for t in down]
-    up = d.get("up_block_types")
+    up = _str_list(d, "up_block_types", where, None)
     expected_up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(levels)]
-    if up is not None and list(up) != expected_up:
-        raise CheckpointError(
-            f"{where}: up_block_types {list(up)} do not mirror down_block_types; expected {expected_up}"
-        )
+    if up is not None and up != expected_up:
+        raise CheckpointError(f"{where}: up_block_types do not mirror down_block_types; expected {expected_up}")
     return levels
 
 
 def _heads(d: Mapping[str, Any], channels: tuple[int, ...], where: str) -> tuple[int | None, int | None]:
     """(num_heads, head_dim) from diffusers' `num_attention_heads`, or else `attention_head_dim`, which
     diffusers' UNet2DConditionModel reads as a number of heads (an int, or one per level)."""
-    heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
-    if isinstance(heads, int):
+    name = "num_attention_heads" if d.get("num_attention_heads") is not None else "attention_head_dim"
+    heads = d.get(name, 8)
+    low, high = SIZE_LIMITS["num_heads"]
+    if _is_int(heads) and low <= heads <= high:
         return heads, None
-    heads = list(heads)
+    if not (isinstance(heads, list) and all(_is_int(h) and low <= h <= high for h in heads)):
+        raise CheckpointError(
+            f"{where}: {name} must be a number of heads from {low} to {high}, or a list of them (one per level)"
+        )
     if len(heads) != len(channels):
-        raise CheckpointError(f"{where}: attention_head_dim has {len(heads)} entries for {len(channels)} levels")
+        raise CheckpointError(f"{where}: {name} has {len(heads)} entries for {len(channels)} levels")
     if len(set(heads)) == 1:
         return heads[0], None
     head_dims = {c // h for c, h in zip(channels, heads, strict=True)}
     if len(head_dims) != 1 or any(c % h for c, h in zip(channels, heads, strict=True)):
         raise CheckpointError(
-            f"{where}: attention_head_dim {heads} (heads per level) gives neither the same number of heads nor "
-            f"the same head size at every level of block_out_channels {list(channels)}; sdlab supports those two"
+            f"{where}: {name} (heads per level) gives neither the same number of heads nor the same head size "
+            f"at every level of block_out_channels; sdlab supports those two"
         )
     return None, head_dims.pop()
 
@@ -160,22 +183,25 @@ def _heads(d: Mapping[str, Any], channels: tuple[int, ...], where: str) -> tuple
 
 def vae_from_diffusers(d: Mapping[str, Any], where: str = "vae/config.json") -> VAEConfig:
     _check_fixed(d, VAE_FIXED, where)
-    channels = tuple(_required(d, "block_out_channels", where))
-    for field in ("down_block_types", "up_block_types"):
-        kinds = set(d.get(field) or [])
-        allowed = {"DownEncoderBlock2D"} if field.startswith("down") else {"UpDecoderBlock2D"}
+    channels = _channels(d, where)
+    for name in ("down_block_types", "up_block_types"):
+        kinds = set(_str_list(d, name, where, None) or [])
+        allowed = {"DownEncoderBlock2D"} if name.startswith("down") else {"UpDecoderBlock2D"}
         if kinds - allowed:
-            raise CheckpointError(f"{where}: {field} {sorted(kinds)} are not supported; use {sorted(allowed)}")
-    return VAEConfig(
-        in_channels=d.get("in_channels", 3),
-        out_channels=d.get("out_channels", 3),
-        latent_channels=d.get("latent_channels", 4),
+            raise CheckpointError(f"{where}: {name} names a block type sdlab does not support; use {sorted(allowed)}")
+        if kinds and len(d[name]) != len(channels):
+            raise CheckpointError(f"{where}: {name} has {len(d[name])} entries for {len(channels)} levels")
+    shift = d.get("shift_factor")
+    return _build(VAEConfig, where,
+        in_channels=_int(d, "in_channels", where, 3, "image_channels"),
+        out_channels=_int(d, "out_channels", where, 3, "image_channels"),
+        latent_channels=_int(d, "latent_channels", where, 4, "image_channels"),
         channels=channels,
-        layers_per_block=d.get("layers_per_block", 2),
-        norm_groups=d.get("norm_num_groups", 32),
-        scaling_factor=d.get("scaling_factor", 0.18215),
-        shift_factor=d.get("shift_factor") or 0.0,
-    )
+        layers_per_block=_int(d, "layers_per_block", where, 2, "layers_per_block"),
+        norm_groups=_int(d, "norm_num_groups", where, 32, "norm_groups"),
+        scaling_factor=_number(d, "scaling_factor", where, 0.18215, 0.0, 1000.0),
+        shift_factor=0.0 if shift is None else _number(d, "shift_factor", where, 0.0, -1000.0, 1000.0),
+    )  # fmt: skip
 
 
 def vae_to_diffusers(cfg: VAEConfig, sample_size: int) -> dict[str, Any]:
@@ -207,28 +233,29 @@ def text_encoder_from_transformers(
     """A CLIPTextConfig dict -> TextEncoderConfig. The padding token is the tokenizer's (CLIPTextConfig's
     own `pad_token_id` is an unused leftover); without one it is guessed from the family: OpenCLIP (GELU)
     pads with "!" (0), OpenAI CLIP with <|endoftext|> (49407)."""
-    architecture = (d.get("architectures") or ["CLIPTextModel"])[0]
-    if d.get("model_type", "clip_text_model") != "clip_text_model" or architecture not in CLIP_ARCHITECTURES:
+    architectures = _str_list(d, "architectures", where, None) or ["CLIPTextModel"]
+    model_type = d.get("model_type", "clip_text_model")
+    if model_type != "clip_text_model" or architectures[0] not in CLIP_ARCHITECTURES:
         raise CheckpointError(
-            f"{where}: a {architecture} ({d.get('model_type')}) text encoder is not supported; "
+            f"{where}: architectures/model_type name a text encoder that is not supported; "
             f"sdlab supports CLIPTextModel (model_type clip_text_model)"
         )
     activation = d.get("hidden_act", "quick_gelu")
     if activation not in CLIP_ACTIVATIONS:
-        raise CheckpointError(f"{where}: hidden_act {activation!r} is not supported; use one of {CLIP_ACTIVATIONS}")
+        raise CheckpointError(f"{where}: hidden_act is not supported; use one of {CLIP_ACTIVATIONS}")
     if pad_token_id is None:
         pad_token_id = 0 if activation == "gelu" else 49407
-    return TextEncoderConfig(
-        vocab_size=d.get("vocab_size", 49408),
-        max_length=d.get("max_position_embeddings", 77),
-        width=_required(d, "hidden_size", where),
-        num_layers=_required(d, "num_hidden_layers", where),
-        num_heads=_required(d, "num_attention_heads", where),
-        mlp_width=_required(d, "intermediate_size", where),
+    return _build(TextEncoderConfig, where,
+        vocab_size=_int(d, "vocab_size", where, 49408, "vocab_size"),
+        max_length=_int(d, "max_position_embeddings", where, 77, "max_length"),
+        width=_int(d, "hidden_size", where, _REQUIRED, "width"),
+        num_layers=_int(d, "num_hidden_layers", where, _REQUIRED, "num_layers"),
+        num_heads=_int(d, "num_attention_heads", where, _REQUIRED, "num_heads"),
+        mlp_width=_int(d, "intermediate_size", where, _REQUIRED, "mlp_width"),
         activation=activation,
-        layer_norm_eps=d.get("layer_norm_eps", 1e-5),
+        layer_norm_eps=_number(d, "layer_norm_eps", where, 1e-5, 0.0, 1.0),
         pad_token_id=pad_token_id,
-    )
+    )  # fmt: skip
 
 
 def text_encoder_to_transformers(cfg: TextEncoderConfig) -> dict[str, Any]:
@@ -267,24 +294,23 @@ def schedule_from_diffusers(
         )
     schedule = d.get("beta_schedule", "linear")
     if schedule not in ("scaled_linear", "linear"):
-        raise CheckpointError(f"{where}: beta_schedule {schedule!r} is not supported; use 'scaled_linear' or 'linear'")
+        raise CheckpointError(f"{where}: beta_schedule is not supported; use 'scaled_linear' or 'linear'")
     prediction = d.get("prediction_type", "epsilon")
     if prediction not in ("epsilon", "v_prediction"):
-        raise CheckpointError(
-            f"{where}: prediction_type {prediction!r} is not supported; use 'epsilon' or 'v_prediction'"
-        )
-    spacing = d.get("timestep_spacing", _default_spacing(d.get("_class_name", "")))
+        raise CheckpointError(f"{where}: prediction_type is not supported; use 'epsilon' or 'v_prediction'")
+    scheduler_class = d.get("_class_name", "")
+    spacing = d.get("timestep_spacing", _default_spacing(scheduler_class if isinstance(scheduler_class, str) else ""))
     if spacing not in ("leading", "linspace", "trailing"):
-        raise CheckpointError(f"{where}: timestep_spacing {spacing!r} is not supported; use leading, linspace or trailing")
-    config = ScheduleConfig(
-        num_train_timesteps=d.get("num_train_timesteps", 1000),
-        beta_start=d.get("beta_start", 0.0001),
-        beta_end=d.get("beta_end", 0.02),
+        raise CheckpointError(f"{where}: timestep_spacing is not supported; use leading, linspace or trailing")
+    config = _build(ScheduleConfig, where,
+        num_train_timesteps=_int(d, "num_train_timesteps", where, 1000, "num_train_timesteps"),
+        beta_start=_number(d, "beta_start", where, 0.0001, 0.0, 1.0),
+        beta_end=_number(d, "beta_end", where, 0.02, 0.0, 1.0),
         beta_schedule=schedule,
         timestep_spacing=spacing,
-        steps_offset=int(d.get("steps_offset", 0)),  # diffusers' default when the file does not say
-        zero_terminal_snr=bool(d.get("rescale_betas_zero_snr", False)),
-    )
+        steps_offset=_int(d, "steps_offset", where, 0, "num_train_timesteps", low=0),  # diffusers' default: 0
+        zero_terminal_snr=_bool(d, "rescale_betas_zero_snr", where, False),
+    )  # fmt: skip
     return config, prediction
 
 
@@ -325,7 +351,7 @@ def config_to_json(config: ModelConfig) -> str:
 def config_from_json(text: str, where: str) -> ModelConfig:
     try:
         d = json.loads(text)
-        return ModelConfig(
+        config = ModelConfig(
             name=d["name"],
             text_encoder=TextEncoderConfig(**d["text_encoder"]),
             unet=_with_tuples(UNetConfig, d["unet"]),
@@ -336,8 +362,21 @@ def config_from_json(text: str, where: str) -> ModelConfig:
             # files written before the field existed have none
             default_guidance=d.get("default_guidance", ModelConfig.default_guidance),
         )
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{where}: the stored sdlab model config is malformed ({e})") from e
+    except ParameterError as e:  # a field out of range: the message names the field, not its value
+        raise CheckpointError(f"{where}: the stored sdlab model config is invalid: {e}") from e
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        raise CheckpointError(
+            f"{where}: the stored sdlab model config is malformed (a field is missing, unknown or of the wrong "
+            f"type: {type(e).__name__})"
+        ) from e
+    if config.prediction not in ("epsilon", "v_prediction"):
+        raise CheckpointError(f"{where}: the stored sdlab model config has an unknown prediction")
+    return config
+
+
+def model_config(where: str, **fields) -> ModelConfig:
+    """A ModelConfig from checked parts; a rule that ties fields together becomes a CheckpointError."""
+    return _build(ModelConfig, where, **fields)
 
 
 def named_like_preset(config: ModelConfig, fallback: str) -> ModelConfig:
@@ -352,22 +391,99 @@ def _with_tuples(cls, d: Mapping[str, Any]):
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
+def _build(cls, where: str, **fields):
+    """`cls(**fields)`, with its validation (`sdlab.config`) reported against the file `where`."""
+    try:
+        return cls(**fields)
+    except ParameterError as e:
+        raise CheckpointError(f"{where}: {e}") from e
+
+
 def _check_fixed(d: Mapping[str, Any], fixed: Mapping[str, Any], where: str) -> None:
     for name, value in fixed.items():
-        if name in d and d[name] != value:
-            raise CheckpointError(f"{where}: {name}={d[name]!r} is not supported by sdlab's networks; only {value!r}")
+        if name in d and (d[name] != value or type(d[name]) is not type(value)) and not _same_number(d[name], value):
+            raise CheckpointError(f"{where}: {name} is not supported by sdlab's networks unless it is {value!r}")
 
 
-def _required(d: Mapping[str, Any], name: str, where: str):
-    if name not in d:
+def _same_number(a, b) -> bool:
+    """1 and 1.0 are the same setting; True and 1 are not."""
+    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
+    return numbers and a == b
+
+
+# --- typed field readers: each checks the JSON type and range, and names the field (never its value) ---------
+
+
+def _value(d: Mapping[str, Any], name: str, where: str, default):
+    if name in d:
+        return d[name]
+    if default is _REQUIRED:
         raise CheckpointError(f"{where}: the field {name!r} is missing")
-    return d[name]
+    return default
 
 
-def _single_int(value, name: str, where: str) -> int:
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _got(value) -> str:
+    return "" if _is_int(value) else f" (got {describe_type(value)})"
+
+
+def _int(d: Mapping[str, Any], name: str, where: str, default, limit: str, *, low: int | None = None) -> int:
+    value = _value(d, name, where, default)
+    low = SIZE_LIMITS[limit][0] if low is None else low
+    high = SIZE_LIMITS[limit][1]
+    if not _is_int(value) or not low <= value <= high:
+        raise CheckpointError(f"{where}: {name} must be an integer from {low} to {high}{_got(value)}")
+    return value
+
+
+def _single_int(d: Mapping[str, Any], name: str, where: str, default, limit: str) -> int:
     """Some fields may be per-level lists in diffusers; sdlab needs one value for all levels."""
-    if isinstance(value, (list, tuple)):
+    value = _value(d, name, where, default)
+    if isinstance(value, list) and value and all(_is_int(v) for v in value):
         if len(set(value)) != 1:
-            raise CheckpointError(f"{where}: {name}={list(value)} differs between levels; sdlab needs one value")
+            raise CheckpointError(f"{where}: {name} differs between levels; sdlab needs one value for all levels")
         value = value[0]
-    return int(value)
+    return _int({name: value}, name, where, _REQUIRED, limit)
+
+
+def _channels(d: Mapping[str, Any], where: str) -> tuple[int, ...]:
+    value = _value(d, "block_out_channels", where, _REQUIRED)
+    low, high = SIZE_LIMITS["channels"]
+    most = SIZE_LIMITS["levels"][1]
+    if not (isinstance(value, list) and 1 <= len(value) <= most and all(_is_int(c) and low <= c <= high for c in value)):
+        raise CheckpointError(
+            f"{where}: block_out_channels must be a list of 1 to {most} integers from {low} to {high}"
+            + ("" if isinstance(value, list) else f" (got {describe_type(value)})")
+        )
+    return tuple(value)
+
+
+def _bool(d: Mapping[str, Any], name: str, where: str, default: bool) -> bool:
+    value = _value(d, name, where, default)
+    if not isinstance(value, bool):
+        raise CheckpointError(f"{where}: {name} must be true or false (got {describe_type(value)})")
+    return value
+
+
+def _number(d: Mapping[str, Any], name: str, where: str, default: float, low: float, high: float) -> float:
+    """A finite number in (low, high] (low excluded: scales and epsilons must be positive)."""
+    value = _value(d, name, where, default)
+    real = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not real or not low < value <= high:
+        raise CheckpointError(
+            f"{where}: {name} must be a number in ({low:g}, {high:g}]"
+            + ("" if real else f" (got {describe_type(value)})")
+        )
+    return value
+
+
+def _str_list(d: Mapping[str, Any], name: str, where: str, default) -> list[str] | None:
+    value = _value(d, name, where, default)
+    if value is None and default is None:
+        return None
+    if not (isinstance(value, list) and len(value) <= SIZE_LIMITS["levels"][1] and all(isinstance(v, str) for v in value)):
+        raise CheckpointError(f"{where}: {name} must be a list of at most {SIZE_LIMITS['levels'][1]} names")
+    return value

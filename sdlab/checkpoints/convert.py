@@ -9,12 +9,14 @@ fills, raises `CheckpointError` listing them.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 
 import torch
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
+from .io import quoted_key
 from .keymaps import CLIP_ROOT, IGNORED_KEYS, IGNORED_PREFIXES, OPENCLIP_FUSED_QKV, OPENCLIP_ROOT, KeyMap, keymaps
 
 log = logging.getLogger(__name__)
@@ -22,6 +24,8 @@ log = logging.getLogger(__name__)
 StateDict = dict[str, torch.Tensor]
 COMPONENTS = ("unet", "vae", "text_encoder")
 TEXT_MODEL = "text_model."
+_BLOCK_NUMBER = re.compile(r"[0-9]{1,4}")  # SD's largest is 23 (OpenCLIP's resblocks)
+MAX_PREFIX_PARTS = 32  # the longest table prefix has 7 dot-separated parts
 
 
 def ldm_to_diffusers(state_dict: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, StateDict]:
@@ -102,9 +106,18 @@ def _ignored(key: str, km: KeyMap) -> bool:
     if key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES):
         return True
     # Resblocks past the ones the text encoder uses (OpenCLIP's last layer; SD 2 stops at the penultimate).
-    return key.startswith(OPENCLIP_ROOT + "transformer.resblocks.") and km.root == OPENCLIP_ROOT and (
-        int(key.split(".")[4]) >= len(km.fused_qkv)
-    )
+    resblocks = OPENCLIP_ROOT + "transformer.resblocks."
+    return key.startswith(resblocks) and km.root == OPENCLIP_ROOT and block_index(key, resblocks) >= len(km.fused_qkv)
+
+
+def block_index(key: str, prefix: str) -> int:
+    """N in `prefix + "N.rest"`; a `CheckpointError` unless N is a small non-negative integer."""
+    part = key[len(prefix):].split(".", 1)[0]
+    if not _BLOCK_NUMBER.fullmatch(part):
+        raise CheckpointError(
+            f"unknown architecture: a key under {prefix!r} has a block number that is not a small integer"
+        )
+    return int(part)
 
 
 def _split_fused(key: str, value: torch.Tensor, fused: Mapping[str, str], out: StateDict) -> bool:
@@ -112,7 +125,7 @@ def _split_fused(key: str, value: torch.Tensor, fused: Mapping[str, str], out: S
     stem, _, kind = key.rpartition("_")
     if stem not in fused or kind not in ("weight", "bias"):
         return False
-    if value.shape[0] % 3:
+    if value.ndim < 1 or value.shape[0] % 3:
         raise CheckpointError(f"{key}: a fused q/k/v tensor needs 3 x width rows, but has shape {tuple(value.shape)}")
     for part, chunk in zip(OPENCLIP_FUSED_QKV, value.chunk(3, dim=0), strict=True):
         out[f"{fused[stem]}.{part}.{kind}"] = chunk
@@ -120,7 +133,8 @@ def _split_fused(key: str, value: torch.Tensor, fused: Mapping[str, str], out: S
 
 
 def _to_linear(weight: torch.Tensor) -> torch.Tensor:
-    return weight[:, :, 0, 0] if weight.ndim == 4 else weight  # (C, C, 1, 1) -> (C, C), a view
+    # (C, C, 1, 1) -> (C, C), a view; any other shape is left for the shape check to report
+    return weight[:, :, 0, 0] if weight.ndim == 4 and weight.shape[2:] == (1, 1) else weight
 
 
 # --- one network, diffusers -> original -----------------------------------------------------------------
@@ -174,7 +188,7 @@ def _join_fused(parts: Mapping[str, torch.Tensor], attention: str, stem: str, ou
 def _longest_prefix(key: str, table: Mapping[str, str]) -> str | None:
     """The longest prefix of `key` in `table` that ends on a `.` boundary (or is the whole key)."""
     parts = key.split(".")
-    for end in range(len(parts), 0, -1):
+    for end in range(min(len(parts), MAX_PREFIX_PARTS), 0, -1):  # bounded: a key may be megabytes of dots
         prefix = ".".join(parts[:end])
         if prefix in table:
             return prefix
@@ -186,7 +200,8 @@ def _check_coverage(name: str, layout: str, unmapped: list[str], missing: list[s
         return
     problems = []
     if unmapped:
-        problems.append(f"{len(unmapped)} unexpected keys (no known place in the model), e.g. {unmapped[:4]}")
+        examples = ", ".join(quoted_key(k) for k in unmapped[:4])
+        problems.append(f"{len(unmapped)} unexpected keys (no known place in the model), e.g. {examples}")
     if missing:
         problems.append(f"{len(missing)} expected weights are absent, e.g. {missing[:4]}")
     raise CheckpointError(

@@ -32,9 +32,10 @@ from collections.abc import Mapping
 import torch
 
 from ..config import PRESETS, SD15, SD21, SD21_BASE, ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ParameterError
 from .configs import named_like_preset
-from .convert import normalize_ldm_keys
+from .convert import block_index, normalize_ldm_keys
+from .io import quoted_key
 from .keymaps import CLIP_ROOT, OPENCLIP_ROOT, UNET_ROOT, VAE_ROOT
 
 log = logging.getLogger(__name__)
@@ -62,11 +63,14 @@ def detect_family(
     state_dict = normalize_ldm_keys(state_dict)
     _reject_unsupported(state_dict)
     openclip = any(k.startswith(OPENCLIP_ROOT) for k in state_dict)
-    text = _openclip_config(state_dict) if openclip else _clip_config(state_dict)
-    unet = _unet_config(state_dict, openclip)
-    vae = _vae_config(state_dict)
-    prediction = prediction or _prediction(state_dict, metadata or {}, openclip, unet.in_channels == 9)
-    config = _assemble(text, unet, vae, prediction, openclip)
+    try:  # the configs check their sizes: shapes of a damaged file can give impossible ones
+        text = _openclip_config(state_dict) if openclip else _clip_config(state_dict)
+        unet = _unet_config(state_dict, openclip)
+        vae = _vae_config(state_dict)
+        prediction = prediction or _prediction(state_dict, metadata or {}, openclip, unet.in_channels == 9)
+        config = _assemble(text, unet, vae, prediction, openclip)
+    except ParameterError as e:
+        raise CheckpointError(f"unknown architecture: the weights' shapes give an unsupported model ({e})") from e
     family = ("sd2" if openclip else "sd1") + "-custom" + ("-inpaint" if config.is_inpainting else "")
     return named_like_preset(config, family)
 
@@ -96,9 +100,10 @@ def _reject_unsupported(sd: Mapping[str, torch.Tensor]) -> None:
     }
     absent = [part for part, keys in needed.items() if not any(k in sd for k in _as_tuple(keys))]
     if absent:
+        examples = ", ".join(quoted_key(k) for k in list(sd)[:3])
         raise CheckpointError(
             f"unknown architecture: no {', no '.join(absent)} weights where a Stable Diffusion checkpoint has them "
-            f"({len(sd)} keys, e.g. {list(sd)[:3]}). sdlab supports {SUPPORTED_FAMILIES}"
+            f"({len(sd)} keys, e.g. {examples}). sdlab supports {SUPPORTED_FAMILIES}"
         )
 
 
@@ -107,23 +112,23 @@ def _reject_unsupported(sd: Mapping[str, torch.Tensor]) -> None:
 
 def _unet_config(sd: Mapping[str, torch.Tensor], openclip: bool) -> UNetConfig:
     p = UNET_ROOT
-    conv_in = _get(sd, p + "input_blocks.0.0.weight")  # (channels[0], in_channels, 3, 3)
+    conv_in = _get(sd, p + "input_blocks.0.0.weight", 4)  # (channels[0], in_channels, 3, 3)
     n, levels = _unet_layout(sd)
     first_blocks = [1 + level * (n + 1) for level in range(levels)]  # the first block of each level
-    channels = tuple(_get(sd, f"{p}input_blocks.{b}.0.out_layers.3.weight").shape[0] for b in first_blocks)
+    channels = tuple(_get(sd, f"{p}input_blocks.{b}.0.out_layers.3.weight", 4).shape[0] for b in first_blocks)
     attention = tuple(f"{p}input_blocks.{b}.1.proj_in.weight" in sd for b in first_blocks)
     mid = p + "middle_block.1."
     depth = len({m.group(1) for k in sd if (m := re.match(re.escape(mid) + r"transformer_blocks\.(\d+)\.", k))})
     heads = {"num_heads": None, "head_dim": 64} if openclip else {"num_heads": 8, "head_dim": None}
     return UNetConfig(
         in_channels=conv_in.shape[1],
-        out_channels=_get(sd, p + "out.2.weight").shape[0],
+        out_channels=_get(sd, p + "out.2.weight", 4).shape[0],
         channels=channels,
         attention_levels=attention,
         layers_per_block=n,
-        context_dim=_get(sd, mid + "transformer_blocks.0.attn2.to_k.weight").shape[1],
+        context_dim=_get(sd, mid + "transformer_blocks.0.attn2.to_k.weight", 2).shape[1],
         transformer_depth=depth,
-        use_linear_projection=_get(sd, mid + "proj_in.weight").ndim == 2,
+        use_linear_projection=_get(sd, mid + "proj_in.weight", (2, 4)).ndim == 2,
         **heads,
     )
 
@@ -131,7 +136,7 @@ def _unet_config(sd: Mapping[str, torch.Tensor], openclip: bool) -> UNetConfig:
 def _unet_layout(sd: Mapping[str, torch.Tensor]) -> tuple[int, int]:
     """(layers_per_block, levels): with n ResBlocks per level and a downsampling block between levels,
     the input blocks are conv_in, then n blocks, op, n blocks, op, ..., n blocks."""
-    blocks = {int(k.split(".")[3]) for k in sd if k.startswith(UNET_ROOT + "input_blocks.")}
+    blocks = _indices(sd, UNET_ROOT + "input_blocks.")
     ops = sorted(b for b in blocks if UNET_ROOT + f"input_blocks.{b}.0.op.weight" in sd)
     count = max(blocks) + 1
     n = ops[0] - 1 if ops else count - 1
@@ -149,13 +154,13 @@ def _unet_layout(sd: Mapping[str, torch.Tensor]) -> tuple[int, int]:
 
 def _vae_config(sd: Mapping[str, torch.Tensor]) -> VAEConfig:
     p = VAE_ROOT + "encoder.down."
-    levels = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith(p))
-    layers = 1 + max(int(k.split(".")[5]) for k in sd if k.startswith(p + "0.block."))
+    levels = _count_indices(sd, p)
+    layers = _count_indices(sd, p + "0.block.")
     return VAEConfig(
-        in_channels=_get(sd, VAE_ROOT + "encoder.conv_in.weight").shape[1],
-        out_channels=_get(sd, VAE_ROOT + "decoder.conv_out.weight").shape[0],
-        latent_channels=_get(sd, VAE_ROOT + "decoder.conv_in.weight").shape[1],
-        channels=tuple(_get(sd, f"{p}{i}.block.0.conv1.weight").shape[0] for i in range(levels)),
+        in_channels=_get(sd, VAE_ROOT + "encoder.conv_in.weight", 4).shape[1],
+        out_channels=_get(sd, VAE_ROOT + "decoder.conv_out.weight", 4).shape[0],
+        latent_channels=_get(sd, VAE_ROOT + "decoder.conv_in.weight", 4).shape[1],
+        channels=tuple(_get(sd, f"{p}{i}.block.0.conv1.weight", 4).shape[0] for i in range(levels)),
         layers_per_block=layers,
     )
 
@@ -165,15 +170,15 @@ def _vae_config(sd: Mapping[str, torch.Tensor]) -> VAEConfig:
 
 def _clip_config(sd: Mapping[str, torch.Tensor]) -> TextEncoderConfig:
     p = CLIP_ROOT + "text_model."
-    vocab, width = _get(sd, p + "embeddings.token_embedding.weight").shape
+    vocab, width = _get(sd, p + "embeddings.token_embedding.weight", 2).shape
     layers = _count_indices(sd, p + "encoder.layers.")
     return TextEncoderConfig(
         vocab_size=vocab,
-        max_length=_get(sd, p + "embeddings.position_embedding.weight").shape[0],
+        max_length=_get(sd, p + "embeddings.position_embedding.weight", 2).shape[0],
         width=width,
         num_layers=layers,
         num_heads=width // 64,  # CLIP's text towers use 64-channel heads
-        mlp_width=_get(sd, p + "encoder.layers.0.mlp.fc1.weight").shape[0],
+        mlp_width=_get(sd, p + "encoder.layers.0.mlp.fc1.weight", 2).shape[0],
         activation="quick_gelu",
         pad_token_id=49407,
     )
@@ -181,17 +186,17 @@ def _clip_config(sd: Mapping[str, torch.Tensor]) -> TextEncoderConfig:
 
 def _openclip_config(sd: Mapping[str, torch.Tensor]) -> TextEncoderConfig:
     p = OPENCLIP_ROOT
-    vocab, width = _get(sd, p + "token_embedding.weight").shape
+    vocab, width = _get(sd, p + "token_embedding.weight", 2).shape
     layers = _count_indices(sd, p + "transformer.resblocks.")
     if p + "text_projection" in sd:  # the full trained tower: SD 2 stops at its penultimate layer
         layers -= 1
     return TextEncoderConfig(
         vocab_size=vocab,
-        max_length=_get(sd, p + "positional_embedding").shape[0],
+        max_length=_get(sd, p + "positional_embedding", 2).shape[0],
         width=width,
         num_layers=layers,
         num_heads=width // 64,
-        mlp_width=_get(sd, p + "transformer.resblocks.0.mlp.c_fc.weight").shape[0],
+        mlp_width=_get(sd, p + "transformer.resblocks.0.mlp.c_fc.weight", 2).shape[0],
         activation="gelu",
         pad_token_id=0,
     )
@@ -223,27 +228,38 @@ def _normalize_prediction(value: str) -> str:
         return "epsilon"
     if value in ("v", "v_prediction", "v-prediction"):
         return "v_prediction"
-    raise CheckpointError(
-        f"the checkpoint's metadata says prediction_type={value!r}; expected 'epsilon' or 'v_prediction'"
-    )
+    raise CheckpointError("the checkpoint's metadata names an unknown prediction_type; expected 'epsilon' or 'v'")
 
 
 # --- helpers --------------------------------------------------------------------------------------------
 
 
-def _get(sd: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+def _get(sd: Mapping[str, torch.Tensor], key: str, ndim: int | tuple[int, ...]) -> torch.Tensor:
+    """The weight `key`, checked to have `ndim` dimensions (one of them, for a tuple)."""
     if key not in sd:
         raise CheckpointError(
             f"unknown architecture: the weight {key!r} is missing. sdlab supports {SUPPORTED_FAMILIES}"
         )
+    ndims = ndim if isinstance(ndim, tuple) else (ndim,)
+    if sd[key].ndim not in ndims:
+        raise CheckpointError(
+            f"unknown architecture: the weight {key!r} has {sd[key].ndim} dimensions where a Stable Diffusion "
+            f"checkpoint has {' or '.join(map(str, ndims))}"
+        )
     return sd[key]
+
+
+def _indices(sd: Mapping[str, torch.Tensor], prefix: str) -> set[int]:
+    """The numbers N of the sub-modules `prefix + "N."` (a non-numeric N is an error)."""
+    return {block_index(k, prefix) for k in sd if k.startswith(prefix)}
 
 
 def _count_indices(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
     """How many numbered sub-modules `prefix.N.` there are (N contiguous from 0)."""
-    found = {int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)}
+    found = _indices(sd, prefix)
     if not found or found != set(range(len(found))):
-        raise CheckpointError(f"unknown architecture: the layers under {prefix!r} are {sorted(found)}, not 0..N-1")
+        what = "none" if not found else "not numbered 0..N-1"
+        raise CheckpointError(f"unknown architecture: the layers under {prefix!r} are {what}")
     return len(found)
 
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from ..errors import CheckpointError
 from . import configs
 from .atomic import atomic_folder
 from .convert import normalize_text_encoder_keys
-from .io import read_checkpoint, write_safetensors
+from .io import check_path, check_regular_file, read_checkpoint, read_small_file, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +44,15 @@ EXPECTED_CLASSES = {
 GUIDANCE_KEY = "_sdlab_default_guidance"  # in model_index.json, written only when it is not 7
 PIPELINES = {"epsilon": "StableDiffusionPipeline", "inpaint": "StableDiffusionInpaintPipeline"}
 TOKENIZER_DATA = ("vocab.json", "merges.txt")
+MAX_JSON_BYTES = 16 * 2**20  # config.json files are ~1 KB, a shard index ~100 KB, CLIP's vocab.json ~1 MB
+MAX_TOKENIZER_FILE = 16 * 2**20  # CLIP's vocab.json and merges.txt are 1.0 and 0.5 MB
 CLIP_DATA = Path(__file__).resolve().parents[1] / "data" / "clip"  # sdlab's package data
 SPECIAL_TOKENS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
 
 
 def is_diffusers_folder(path: Path) -> bool:
-    return path.is_dir() and (path / MODEL_INDEX).is_file()
+    """A folder with a `model_index.json` entry (which `read_folder` then checks to be a readable JSON file)."""
+    return path.is_dir() and os.path.lexists(path / MODEL_INDEX)
 
 
 # --- reading --------------------------------------------------------------------------------------------
@@ -57,7 +62,9 @@ def read_folder(
     folder: Path, *, variant: str | None = None
 ) -> tuple[ModelConfig, dict[str, dict[str, torch.Tensor]], Path | None]:
     """(config, {"unet", "vae", "text_encoder"} state dicts, tokenizer folder or None) of a diffusers folder."""
-    tokenizer_dir = folder / "tokenizer" if (folder / "tokenizer" / "vocab.json").is_file() else None
+    tokenizer_dir = folder / "tokenizer" if os.path.lexists(folder / "tokenizer" / "vocab.json") else None
+    if tokenizer_dir:
+        _check_tokenizer_files(tokenizer_dir)
     config = read_folder_config(folder, tokenizer_dir)
     weights = {name: read_component_weights(folder / name, WEIGHT_NAMES[name], variant) for name in WEIGHT_NAMES}
     weights["text_encoder"] = normalize_text_encoder_keys(weights["text_encoder"])
@@ -76,11 +83,12 @@ def read_folder_config(folder: Path, tokenizer_dir: Path | None) -> ModelConfig:
         _read_json(folder / "text_encoder" / "config.json"), pad, str(folder / "text_encoder" / "config.json")
     )
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
-    scheduler = _read_json(scheduler_file) if scheduler_file.is_file() else {}
+    scheduler = _read_json(scheduler_file) if os.path.lexists(scheduler_file) else {}
     schedule, prediction = configs.schedule_from_diffusers(scheduler, str(scheduler_file))
-    config = ModelConfig(
+    config = configs.model_config(
+        str(folder),
         name=folder.name, text_encoder=text, unet=unet, vae=vae, schedule=schedule, prediction=prediction,
-        default_size=unet_cfg.get("sample_size", 64) * vae.downscale,
+        default_size=configs.unet_sample_size(unet_cfg, str(folder / "unet" / "config.json")) * vae.downscale,
         default_guidance=_default_guidance(index, folder / MODEL_INDEX),
     )
     return configs.named_like_preset(config, folder.name)
@@ -91,7 +99,7 @@ def _default_guidance(index: Mapping[str, Any], where: Path) -> float:
     with "_"), else Stable Diffusion's usual 7."""
     value = index.get(GUIDANCE_KEY, ModelConfig.default_guidance)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
-        raise CheckpointError(f"{where}: {GUIDANCE_KEY} is {value!r}; expected a number from 0 to 100")
+        raise CheckpointError(f"{where}: {GUIDANCE_KEY} is not a number from 0 to 100")
     return float(value)
 
 
@@ -105,17 +113,18 @@ def read_component_weights(component_dir: Path, name: str, variant: str | None) 
 
 def find_weight_files(component_dir: Path, name: str, variant: str | None) -> list[Path]:
     """The weight file(s) of one component, by the search order in the module docstring."""
-    if not component_dir.is_dir():
-        raise CheckpointError(f"{component_dir}: missing component folder")
+    _check_component_folder(component_dir)
     suffix = f".{variant}" if variant else ""
     for ext in ("safetensors", "bin"):
+        # Any entry by these names counts (a FIFO, a broken link...): reading it then says what is wrong.
         single = component_dir / f"{name}{suffix}.{ext}"
-        if single.is_file():
+        if os.path.lexists(single):
             return [single]
         index = component_dir / f"{name}.{ext}.index{suffix}.json"
-        if index.is_file():
+        if os.path.lexists(index):
             return _shards(index)
     present = sorted(p.name for p in component_dir.iterdir())
+    present = present if len(present) <= 12 else [*present[:12], f"... ({len(present) - 12} more)"]
     hint = " (pass variant=... to pick one of the variant files)" if not variant and any(
         p.count(".") >= 2 for p in present) else ""
     raise CheckpointError(
@@ -124,17 +133,25 @@ def find_weight_files(component_dir: Path, name: str, variant: str | None) -> li
     )
 
 
+def _check_component_folder(component_dir: Path) -> None:
+    if not os.path.lexists(component_dir):
+        raise CheckpointError(f"{component_dir}: missing component folder")
+    if not stat.S_ISDIR(check_path(component_dir).st_mode):
+        raise CheckpointError(f"{component_dir}: not a folder (a component of a diffusers folder is a folder)")
+
+
 def _shards(index_file: Path) -> list[Path]:
     """The shard files an `*.index.json` names, all checked to be plain files inside its folder."""
     weight_map = _read_json(index_file).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_file}: no 'weight_map' in the shard index")
+    names = set(weight_map.values())
+    if not all(isinstance(shard, str) and shard and Path(shard).name == shard for shard in names):
+        raise CheckpointError(f"{index_file}: its weight_map names a shard that is not a plain file name in this folder")
     shards = []
-    for shard in sorted(set(weight_map.values())):
+    for shard in sorted(names):
         path = index_file.parent / shard
-        if Path(shard).name != shard:
-            raise CheckpointError(f"{index_file}: shard name {shard!r} is not a plain file name in this folder")
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise CheckpointError(f"{index_file}: the shard {shard} it lists is missing")
         shards.append(path)
     return shards
@@ -144,40 +161,62 @@ def tokenizer_pad_token_id(tokenizer_dir: Path) -> int | None:
     """The id of the padding token named by special_tokens_map.json (or tokenizer_config.json)."""
     vocab = _read_json(tokenizer_dir / "vocab.json")
     for file in ("special_tokens_map.json", "tokenizer_config.json"):
-        if (tokenizer_dir / file).is_file():
+        if os.path.lexists(tokenizer_dir / file):
             pad = _read_json(tokenizer_dir / file).get("pad_token")
             if isinstance(pad, dict):
                 pad = pad.get("content")
-            if pad is not None:
-                if pad not in vocab:
-                    raise CheckpointError(f"{tokenizer_dir / file}: pad_token {pad!r} is not in vocab.json")
-                return vocab[pad]
+            if pad is None:
+                continue
+            if not isinstance(pad, str) or pad not in vocab:
+                raise CheckpointError(f"{tokenizer_dir / file}: its pad_token is not a token of vocab.json")
+            token_id = vocab[pad]
+            if isinstance(token_id, bool) or not isinstance(token_id, int):
+                raise CheckpointError(f"{tokenizer_dir / 'vocab.json'}: the pad token's id is not an integer")
+            return token_id
     return None
+
+
+def _check_tokenizer_files(tokenizer_dir: Path) -> None:
+    """The BPE files the tokenizer reads must be regular files of a sane size (a FIFO would hang it)."""
+    for name in TOKENIZER_DATA:
+        path = tokenizer_dir / name
+        if os.path.lexists(path):
+            size = check_regular_file(path, "tokenizer file")
+            if size > MAX_TOKENIZER_FILE:
+                raise CheckpointError(f"{path}: {size} bytes, too large for a tokenizer file (at most {MAX_TOKENIZER_FILE})")
 
 
 def _check_model_index(index: Mapping[str, Any], where: Path) -> None:
     if "text_encoder_2" in index or "unet" not in index:
+        kind = "an SDXL-style pipeline (it has a text_encoder_2)" if "text_encoder_2" in index else (
+            "a pipeline without a unet")
         raise CheckpointError(
-            f"{where}: a {index.get('_class_name', 'pipeline')} is not supported; sdlab reads Stable Diffusion 1.x/2.x "
-            f"folders (StableDiffusionPipeline / StableDiffusionInpaintPipeline) with unet, vae and text_encoder"
+            f"{where}: {kind} is not supported; sdlab reads Stable Diffusion 1.x/2.x folders "
+            f"(StableDiffusionPipeline / StableDiffusionInpaintPipeline) with unet, vae and text_encoder"
         )
     for name, (library, classes) in EXPECTED_CLASSES.items():
         entry = index.get(name)
         if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == library and entry[1] in classes):
             raise CheckpointError(
-                f"{where}: component {name!r} is {entry!r}; expected [{library!r}, one of {list(classes)}]"
+                f"{where}: component {name!r} is not one sdlab reads; expected [{library!r}, one of {list(classes)}]"
             )
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
+    """A JSON object from a regular file of at most MAX_JSON_BYTES; errors say what is wrong, never quote it."""
+    if not os.path.lexists(path):
         raise CheckpointError(f"{path}: missing")
+    raw = read_small_file(path, MAX_JSON_BYTES, "JSON file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: not valid JSON (not UTF-8 text)") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno})") from None
+    except (ValueError, RecursionError):  # an integer of thousands of digits, or arrays nested too deep
+        raise CheckpointError(f"{path}: not valid JSON") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+        raise CheckpointError(f"{path}: not a JSON object")
     return data
 
 
