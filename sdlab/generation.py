@@ -22,7 +22,7 @@ import inspect
 import logging
 from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -35,9 +35,10 @@ from .diffusion.denoisers import GuidedDenoiser, MaskedDenoiser, ModelDenoiser
 from .diffusion.registry import SamplerSpec, get_sampler, with_options
 from .diffusion.samplers import SamplingInterrupted
 from .diffusion.schedules import NoiseSchedule, ve_to_vp
-from .errors import SdlabError
+from .errors import ParameterError, SdlabError
 from .images import to_mask, to_pil, to_pixels
-from .lora import apply_lora, find_lora
+from .interrupts import abort_between_blocks
+from .lora import LoRASource, apply_lora
 from .params import GenerationParams
 from .prompts import extract_lora_tags
 from .tome import token_merging
@@ -71,34 +72,56 @@ class StepInfo:
 @torch.no_grad()
 def generate(model, params: GenerationParams, *, generator: rng.Generator = None,
              callback: Callable[[StepInfo], None] | None = None,
-             interrupt: Callable[[], bool] | None = None,
-             lora_dirs: tuple[str | Path, ...] = ("loras",)) -> GenerationResult:
+             interrupt: Callable[[], bool] | None = None, abort: Callable[[], bool] | None = None,
+             named_loras: Mapping[str, LoRASource] | None = None) -> GenerationResult:
     """Generate `params.batch_size` images. Image i uses seed `params.seed + i` unless `generator` is given
     (a torch.Generator or a list, one per image, as diffusers takes them).
 
-    LoRAs (`params.loras` and `<lora:name:weight>` tags in the prompt) are merged into the weights for this
-    call and restored afterwards; a name is looked up in `lora_dirs`, a path is used as is."""
+    Stopping part-way: `interrupt()` is asked before every sampler step; True ends sampling, and the latest
+    x0 estimate is decoded (`result.interrupted`). `abort()` is asked as every block of every network is
+    entered (text encoder, UNet, VAE); True raises `sdlab.interrupts.GenerationAborted` within one block.
+
+    LoRAs are merged into the weights for this call and restored afterwards: those of `params.loras` (files
+    or state dicts, used as given) and those that `<lora:name:weight>` tags in the prompt name, looked up in
+    `named_loras` (name -> file or state dict). sdlab never turns a name into a path by itself: the caller
+    decides which files a name may mean (`sdlab.resources.ResourceFolder` looks names up in folders, as the
+    CLI's and the server's `--lora-dir` do)."""
     params = params.resolved(model.config)
     prompt, tags = extract_lora_tags(params.prompt)
+    loras = [*params.loras, *((_named_lora(name, named_loras), weight) for name, weight in tags)]
     n = params.batch_size
     if generator is None:
         generator = rng.generators(params.seeds)
     with ExitStack() as merged:
-        for name, weight in (*params.loras, *tags):
-            merged.enter_context(apply_lora(model, _lora_file(name, lora_dirs), weight))
+        for source, weight in loras:
+            merged.enter_context(apply_lora(model, source, weight))
         return sample_batch(model, [prompt] * n, [params.negative_prompt] * n, params, generator,
-                            callback=callback, interrupt=interrupt)
+                            callback=callback, interrupt=interrupt, abort=abort)
 
 
-def _lora_file(name: str, lora_dirs) -> Path:
-    path = Path(name).expanduser()
-    return path if path.is_file() else find_lora(name, lora_dirs)
+def _named_lora(name: str, named_loras: Mapping[str, LoRASource] | None) -> LoRASource:
+    if named_loras is None:
+        raise ParameterError(
+            f"the prompt names LoRA {name!r} (<lora:{name}:...>), but generate() was given no named LoRAs: pass "
+            f"named_loras={{{name!r}: path}} or sdlab.resources.ResourceFolder('LoRA', [folder], LORA_SUFFIXES)")
+    try:
+        return named_loras[name]
+    except KeyError as error:
+        if isinstance(error, ParameterError):
+            raise
+        raise ParameterError(f"the prompt names LoRA {name!r}, which is not among the {len(named_loras)} "
+                             f"named LoRAs given") from None
 
 
 @torch.no_grad()
 def sample_batch(model, prompts: list[str], negatives: list[str], params: GenerationParams,
-                 generator: rng.Generator, *, callback=None, interrupt=None) -> GenerationResult:
+                 generator: rng.Generator, *, callback=None, interrupt=None, abort=None) -> GenerationResult:
     """The loop behind `generate`, for one batch of (prompt, negative prompt) pairs; `params` resolved."""
+    with abort_between_blocks((model.text_encoder, model.unet, model.vae, model.tiny_decoder), abort):
+        return _sample_batch(model, prompts, negatives, params, generator, callback, interrupt)
+
+
+def _sample_batch(model, prompts, negatives, params, generator, callback, interrupt) -> GenerationResult:
     spec = _sampler(params)
     train = model.config.schedule
     schedule = NoiseSchedule.from_config(train)

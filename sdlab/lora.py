@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +48,7 @@ UNET_TARGET_PARENT = "attentions"
 TEXT_TARGET_PARENTS = ("self_attn", "mlp")
 
 StateDict = dict[str, torch.Tensor]
+LoRASource = str | os.PathLike | Mapping[str, torch.Tensor]  # a kohya-format file, or its tensors
 
 
 def kohya_name(prefix: str, module_path: str) -> str:
@@ -294,15 +295,3 @@ def _report(source, handle: MergedLoRA) -> None:
             f"(e.g. {handle.skipped[:2]}); is it for another architecture (SDXL, SD 2.x vs 1.x)?"
         )
     log.info("%s: merged %d LoRA modules", where, len(handle.applied))
-
-
-def find_lora(name: str, folders: Iterable[str | os.PathLike]) -> Path:
-    """The file of the LoRA called `name` (as in a `<lora:name:0.8>` prompt tag) in one of `folders`."""
-    searched = []
-    for folder in folders:
-        for suffix in (".safetensors", ".pt", ".ckpt", ""):
-            candidate = Path(folder) / f"{name}{suffix}"
-            searched.append(str(candidate))
-            if candidate.is_file():
-                return candidate
-    raise ParameterError(f"LoRA {name!r} not found; looked for {searched[:4]}{' ...' if len(searched) > 4 else ''}")

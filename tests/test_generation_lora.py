@@ -8,6 +8,7 @@ from sdlab.config import TINY
 from sdlab.errors import ParameterError
 from sdlab.lora import inject_lora
 from sdlab.params import GenerationParams
+from sdlab.resources import LORA_SUFFIXES, ResourceFolder
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +28,15 @@ def lora_dir(model, tmp_path_factory):
     return folder
 
 
+def folder(path):
+    return ResourceFolder("LoRA", [path], LORA_SUFFIXES)
+
+
 def test_prompt_tag_applies_and_restores(model, lora_dir):
     before = {k: v.clone() for k, v in model.unet.state_dict().items()}
     plain = sdlab.generate(model, GenerationParams(prompt="a red circle", steps=4, seed=5)).latents
     tagged = sdlab.generate(model, GenerationParams(prompt="a red circle <lora:style:0.8>", steps=4, seed=5),
-                            lora_dirs=(lora_dir,)).latents
+                            named_loras=folder(lora_dir)).latents
     assert (tagged - plain).abs().max() > 1e-3
     assert all(torch.equal(before[k], v) for k, v in model.unet.state_dict().items())  # weights restored
     again = sdlab.generate(model, GenerationParams(prompt="a red circle", steps=4, seed=5)).latents
@@ -40,7 +45,7 @@ def test_prompt_tag_applies_and_restores(model, lora_dir):
 
 def test_tag_and_api_argument_are_the_same(model, lora_dir):
     tagged = sdlab.generate(model, GenerationParams(prompt="a red circle <lora:style:0.5>", steps=4, seed=5),
-                            lora_dirs=(lora_dir,)).latents
+                            named_loras=folder(lora_dir)).latents
     by_path = sdlab.generate(model, GenerationParams(prompt="a red circle", steps=4, seed=5,
                                                      loras=((str(lora_dir / "style.safetensors"), 0.5),))).latents
     assert torch.equal(tagged, by_path)
@@ -49,10 +54,28 @@ def test_tag_and_api_argument_are_the_same(model, lora_dir):
 def test_weight_zero_is_no_change(model, lora_dir):
     plain = sdlab.generate(model, GenerationParams(prompt="a red circle", steps=4, seed=5)).latents
     zero = sdlab.generate(model, GenerationParams(prompt="a red circle <lora:style:0>", steps=4, seed=5),
-                          lora_dirs=(lora_dir,)).latents
+                          named_loras=folder(lora_dir)).latents
     assert torch.allclose(zero, plain, atol=1e-6)
 
 
 def test_unknown_lora_is_a_clear_error(model, lora_dir):
-    with pytest.raises(ParameterError, match="LoRA 'nope' not found"):
-        sdlab.generate(model, GenerationParams(prompt="x <lora:nope:1>", steps=2, seed=1), lora_dirs=(lora_dir,))
+    with pytest.raises(ParameterError, match="unknown LoRA 'nope'; available: style"):
+        sdlab.generate(model, GenerationParams(prompt="x <lora:nope:1>", steps=2, seed=1), named_loras=folder(lora_dir))
+
+
+def test_names_are_never_paths(model, lora_dir):
+    """A tag names a file inside the folders given, never a path: separators, '..' and absolute paths are
+    refused before any file is looked at, and the message quotes only the name."""
+    for name in (str(lora_dir / "style"), "../style", "..", "a/b", "a\\b", ".hidden", "/etc/hostname", "x\0y"):
+        with pytest.raises(ParameterError, match="is not valid"):
+            sdlab.generate(model, GenerationParams(prompt=f"x <lora:{name}:1>", steps=2, seed=1),
+                           named_loras=folder(lora_dir))
+
+
+def test_a_tag_without_named_loras_is_refused(model, lora_dir):
+    """The library never resolves a name by itself (it used to try the name as a path, then ./loras)."""
+    with pytest.raises(ParameterError, match="given no named LoRAs"):
+        sdlab.generate(model, GenerationParams(prompt="x <lora:style:1>", steps=2, seed=1))
+    path = str(lora_dir / "style.safetensors")
+    with pytest.raises(ParameterError, match="given no named LoRAs"):
+        sdlab.generate(model, GenerationParams(prompt=f"x <lora:{path}:1>", steps=2, seed=1))

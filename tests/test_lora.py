@@ -19,7 +19,6 @@ from sdlab.lora import (
     adaptable_modules,
     apply_lora,
     default_targets,
-    find_lora,
     inject_lora,
     read_lora,
 )
@@ -197,10 +196,6 @@ def test_errors_name_the_problem(model, tmp_path):
     bad = "lora_unet_down_blocks_0_attentions_0_proj_in"
     with pytest.raises(CheckpointError, match=bad):
         apply_lora(model, {f"{bad}.lora_down.weight": torch.zeros(2, 5), f"{bad}.lora_up.weight": torch.zeros(32, 2)})
-    (tmp_path / "mine.safetensors").write_bytes(b"")
-    assert find_lora("mine", [tmp_path]) == tmp_path / "mine.safetensors"
-    with pytest.raises(Exception, match="not found"):
-        find_lora("other", [tmp_path])
 
 
 # --- the fast path: merging into sdlab.perf's packed layers -----------------------------------------------

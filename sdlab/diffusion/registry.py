@@ -56,6 +56,7 @@ class SamplerSpec:
     style: which diffusers scheduler family's timestep spacing "automatic" uses (see `schedules`).
     quantize_karras: diffusers' multistep solvers feed the network rounded timesteps on Karras sigmas.
     final_sigma: where the sigmas end ("zero", or "sigma_min" for DDIM/PLMS as SD configures them).
+    evaluations: network evaluations per step (2 for the second-order single-step samplers), for costing.
     """
 
     label: str
@@ -65,6 +66,7 @@ class SamplerSpec:
     quantize_karras: bool = False
     final_sigma: FinalSigma = "zero"
     stochastic: bool = False
+    evaluations: int = 1
     reference: str = ""
     aliases: tuple[str, ...] = field(default=())
 
@@ -90,15 +92,16 @@ _SPECS = (
     SamplerSpec("Euler", "euler", S.sample_euler, reference="EulerDiscreteScheduler"),
     SamplerSpec("Euler a", "euler_ancestral", S.sample_euler_ancestral, stochastic=True,
                 reference="EulerAncestralDiscreteScheduler", aliases=("euler_a",)),
-    SamplerSpec("Heun", "heun", S.sample_heun, reference="HeunDiscreteScheduler"),
+    SamplerSpec("Heun", "heun", S.sample_heun, evaluations=2, reference="HeunDiscreteScheduler"),
     SamplerSpec("LMS", "lms", S.sample_lms, reference="LMSDiscreteScheduler"),
-    SamplerSpec("DPM2", "dpm_2", S.sample_dpm_2, reference="KDPM2DiscreteScheduler"),
-    SamplerSpec("DPM2 a", "dpm_2_ancestral", S.sample_dpm_2_ancestral, stochastic=True,
+    SamplerSpec("DPM2", "dpm_2", S.sample_dpm_2, evaluations=2, reference="KDPM2DiscreteScheduler"),
+    SamplerSpec("DPM2 a", "dpm_2_ancestral", S.sample_dpm_2_ancestral, stochastic=True, evaluations=2,
                 reference="KDPM2AncestralDiscreteScheduler"),
-    SamplerSpec("DPM++ 2S a", "dpmpp_2s_ancestral", S.sample_dpmpp_2s_ancestral, stochastic=True),
+    SamplerSpec("DPM++ 2S a", "dpmpp_2s_ancestral", S.sample_dpmpp_2s_ancestral, stochastic=True,
+                evaluations=2),
     SamplerSpec("DPM++ 2M", "dpmpp_2m", S.sample_dpmpp_2m, style="dpm", quantize_karras=True,
                 reference="DPMSolverMultistepScheduler"),
-    SamplerSpec("DPM++ SDE", "dpmpp_sde", S.sample_dpmpp_sde, stochastic=True,
+    SamplerSpec("DPM++ SDE", "dpmpp_sde", S.sample_dpmpp_sde, stochastic=True, evaluations=2,
                 reference="DPMSolverSDEScheduler"),
     SamplerSpec("DPM++ 2M SDE", "dpmpp_2m_sde", S.sample_dpmpp_2m_sde, style="dpm", quantize_karras=True,
                 stochastic=True, reference='DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")'),

@@ -87,6 +87,15 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(batch, length, heads, inner // heads).transpose(1, 2)  # (B, heads, T, head_dim)
 
 
+MAX_CHUNK_WORK = 2**34  # batch x queries x keys x width of one attention call: ~70 GFLOP, ~1 s on 2 cores
+
+
+def query_chunk(batch: int, keys: int, width: int) -> int:
+    """How many queries attend in one call so that batch x queries x keys x width stays under MAX_CHUNK_WORK
+    (all of them at SD's usual sizes: a batch of 2 x 4096 tokens of 320 or 512 channels, as at 512x512)."""
+    return max(16, MAX_CHUNK_WORK // max(1, batch * keys * width))
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcast: bool = False) -> torch.Tensor:
     """Multi-head scaled dot-product attention on (B, T, heads * head_dim) tensors, returning the same layout.
 
@@ -123,10 +132,19 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])  # a list only for the checkpoint key "to_out.0"
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, N, query_dim), context: (B, T, context_dim) or None for self-attention -> (B, N, query_dim)."""
+        """x: (B, N, query_dim), context: (B, T, context_dim) or None for self-attention -> (B, N, query_dim).
+
+        Long sequences attend in chunks of queries (`query_chunk`): each query's softmax still sees every
+        key, so the result is the same, but one call's work and memory stay bounded and the call returns
+        to Python between chunks, where a generation can be stopped (sdlab.interrupts)."""
         kv = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(kv), self.to_v(kv), self.heads, self.upcast)
-        return self.to_out[0](out)
+        k, v = self.to_k(kv), self.to_v(kv)  # (B, T, inner)
+        chunk = query_chunk(k.shape[0], k.shape[1], k.shape[2])
+        if chunk >= x.shape[1]:
+            return self.to_out[0](attention(self.to_q(x), k, v, self.heads, self.upcast))
+        parts = [self.to_out[0](attention(self.to_q(part), k, v, self.heads, self.upcast))
+                 for part in x.split(chunk, dim=1)]
+        return torch.cat(parts, dim=1)
 
 
 class GEGLU(nn.Module):

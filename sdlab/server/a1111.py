@@ -55,8 +55,8 @@ def _state(request: Request) -> ServerState:
 @router.post("/txt2img", response_model=ImageResponse)
 async def txt2img(body: Txt2ImgRequest, request: Request) -> ImageResponse:
     state = _state(request)
-    prepared = _prepare(state, body, to_params(body))
-    output = await state.run(prepared, body.force_task_id)
+    prepared = await asyncio.to_thread(_prepare, state, body, to_params(body))
+    output = await state.run(prepared, body.force_task_id, client=request)
     return _response(body, prepared, output)
 
 
@@ -73,8 +73,8 @@ async def img2img(body: Img2ImgRequest, request: Request) -> ImageResponse:
     if mask is not None and mask.size != init.size:
         mask = mask.resize(init.size)  # A1111 resizes the mask to the image
     params = to_params(body).replace(init_image=init, mask=mask, strength=body.denoising_strength)
-    prepared = _prepare(state, body, params)
-    output = await state.run(prepared, body.force_task_id)
+    prepared = await asyncio.to_thread(_prepare, state, body, params)
+    output = await state.run(prepared, body.force_task_id, client=request)
     return _response(body, prepared, output)
 
 
@@ -186,6 +186,13 @@ async def sd_models(request: Request) -> list[dict]:
         items.append({"title": registry.title(entry), "model_name": entry.name, "hash": sha[:10] if sha else None,
                       "sha256": sha, "filename": entry.file_name, "config": None})
     return items
+
+
+@router.get("/loras")
+async def loras(request: Request) -> list[dict]:
+    """The LoRAs that `<lora:name:w>` tags may name (A1111's shape; `path` is the file name only)."""
+    folder = _state(request).loras
+    return [{"name": name, "alias": name, "path": folder.path(name).name, "metadata": {}} for name in sorted(folder)]
 
 
 @router.get("/options")

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__
 from ..errors import ParameterError, SdlabError
+from ..generation import NumericalError
 from . import a1111, jobs_api, openai
 from .auth import (
     CHALLENGE,
@@ -35,7 +36,7 @@ from .auth import (
     is_json,
 )
 from .codec import json_depth
-from .jobs import DuplicateJobError, QueueFullError, ShuttingDownError
+from .jobs import ClientGoneError, DuplicateJobError, JobTimeoutError, QueueFullError, ShuttingDownError
 from .settings import ServerSettings
 from .state import ServerState
 
@@ -218,5 +219,17 @@ def _add_error_handlers(app: FastAPI) -> None:
             return _error(request, 409, str(error))
         if isinstance(error, ParameterError):
             return _error(request, 422, str(error), param=getattr(error, "param", None))
+        if isinstance(error, JobTimeoutError):
+            return _error(request, 503, str(error))
+        if isinstance(error, ClientGoneError):
+            return _error(request, 499, str(error))  # nobody reads it; nginx's "client closed request"
         log.error("request failed: %s", error)
-        return _error(request, 500, str(error))
+        return _error(request, 500, _client_message(error))
+
+
+def _client_message(error: SdlabError) -> str:
+    """What a client hears of a failed job: the message when it can only speak of the request (NaN in the
+    latents), otherwise the kind of failure; the details, which may name server paths, go to the log."""
+    if isinstance(error, NumericalError):
+        return str(error)
+    return f"the job failed ({type(error).__name__}); the server log has the details"

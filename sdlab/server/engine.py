@@ -3,17 +3,23 @@ previews and (optionally) the x0 trajectory on the job as it goes."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from PIL import Image
 
 from ..generation import StepInfo, decode_latents, generate
 from ..images import grid
+from ..interrupts import GenerationAborted
 from ..params import GenerationParams
 from ..pngmeta import ModelInfo, infotext, png_bytes
 from ..trajectory import TrajectoryRecorder, chain
-from .jobs import Job, ShuttingDownError
+from .jobs import ClientGoneError, Job, JobTimeoutError, ShuttingDownError
+from .limits import JobLimits
 from .registry import ModelRegistry
+
+PREVIEW_SHARE = 0.2  # live previews may take at most this share of a job's time
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,7 @@ class GenerationRequest:
     model: str
     n_iter: int = 1
     save_steps: bool = False
+    flops: float = 0.0  # the estimated work (server/limits.py)
 
     @property
     def seeds(self) -> list[int]:
@@ -40,15 +47,32 @@ class GenerationOutput:
     interrupted: bool = False
 
 
-def run_generation(registry: ModelRegistry, request: GenerationRequest, job: Job) -> GenerationOutput:
+def run_generation(registry: ModelRegistry, request: GenerationRequest, job: Job,
+                   named_loras: Mapping | None = None, limits: JobLimits | None = None) -> GenerationOutput:
     model, info = registry.load(request.model)
-    batch = request.params.batch_size
+    start = time.perf_counter()
     out = GenerationOutput([], [], [], info)
+    try:
+        _run_batches(model, info, request, job, named_loras, out)
+    except GenerationAborted:
+        if job.stop_reason != "interrupted":
+            raise _stopped_error(job) from None
+        out.interrupted = True  # the grace after /interrupt ran out: the images made so far
+    if out.interrupted and job.stop_reason != "interrupted":
+        raise _stopped_error(job)
+    if limits is not None and not out.interrupted:
+        limits.observe(request.flops, time.perf_counter() - start)
+    return out
+
+
+def _run_batches(model, info: ModelInfo, request: GenerationRequest, job: Job, named_loras, out) -> None:
+    batch = request.params.batch_size
     for i in range(request.n_iter):
         params = request.params.replace(seed=request.params.seed + i * batch)
         recorder = TrajectoryRecorder(model) if request.save_steps and i == 0 else None
         watcher = _ProgressWatcher(model, job, i, request.n_iter)
-        result = generate(model, params, callback=chain(watcher, recorder), interrupt=job.interrupt.is_set)
+        result = generate(model, params, callback=chain(watcher, recorder), interrupt=job.interrupt.is_set,
+                          abort=job.should_abort, named_loras=named_loras)
         if recorder is not None:
             job.frames = [png_bytes(grid(frame, columns=len(frame))) for frame in recorder.frames]
             job.frame_steps = list(recorder.steps)
@@ -57,10 +81,15 @@ def run_generation(registry: ModelRegistry, request: GenerationRequest, job: Job
         out.seeds += result.params.seeds
         if result.interrupted:
             out.interrupted = True
-            break
-    if out.interrupted and job.stop_reason == "shutdown":
-        raise ShuttingDownError("the server shut down while this job ran")
-    return out
+            return
+
+
+def _stopped_error(job: Job) -> Exception:
+    if job.stop_reason == "timeout":
+        return JobTimeoutError(f"the job ran past this server's time limit of {job.time_limit:g} s and was stopped")
+    if job.stop_reason == "disconnected":
+        return ClientGoneError("the client disconnected")
+    return ShuttingDownError("the server shut down while this job ran")
 
 
 class _ProgressWatcher:
@@ -68,12 +97,16 @@ class _ProgressWatcher:
 
     def __init__(self, model, job: Job, iteration: int, n_iter: int):
         self.model, self.job, self.iteration, self.n_iter = model, job, iteration, n_iter
+        self.next_preview = 0.0  # time.perf_counter() before which no preview is decoded
 
     def __call__(self, info: StepInfo) -> None:
         job = self.job
         job.total = info.total * self.n_iter
         job.step = self.iteration * info.total + info.step
-        if job.want_preview:
+        if job.want_preview and time.perf_counter() >= self.next_preview:
             job.want_preview = False
+            start = time.perf_counter()
             images = decode_latents(self.model, info.denoised)
             job.preview, job.preview_step = png_bytes(grid(images, columns=len(images))), job.step
+            took = time.perf_counter() - start
+            self.next_preview = start + took / PREVIEW_SHARE  # previews stay a bounded share of the job

@@ -43,6 +43,14 @@ class DuplicateJobError(ParameterError):
     pass
 
 
+class JobTimeoutError(SdlabError):
+    """The job ran past the server's time limit and was stopped."""
+
+
+class ClientGoneError(SdlabError):
+    """The client of a request disconnected before its job finished (nobody is left to answer)."""
+
+
 @dataclass
 class Job:
     """One unit of work for the worker: `work(job)` runs on the worker thread and returns the result."""
@@ -63,7 +71,10 @@ class Job:
     frame_steps: list[int] = field(default_factory=list)
     error: str | None = None
     interrupt: threading.Event = field(default_factory=threading.Event)
-    stop_reason: str | None = None  # "interrupted" (a client asked) or "shutdown"
+    stop_reason: str | None = None  # "interrupted" (a client asked), "timeout", "disconnected" or "shutdown"
+    stopped_at: float | None = None  # time.monotonic() of the first stop
+    time_limit: float | None = None  # seconds the job may run before it is stopped ("timeout")
+    interrupt_grace: float = 5.0  # after an "interrupted", seconds left to decode what there is
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
     @property
@@ -73,9 +84,22 @@ class Job:
         return self.step / self.total if self.total else 0.0
 
     def stop(self, reason: str) -> None:
-        """Ask the sampler to stop after its current step."""
-        self.stop_reason = self.stop_reason or reason
+        """Ask the job to stop. "interrupted" (A1111's /interrupt) ends sampling after the current step and
+        leaves `interrupt_grace` seconds to decode what there is; every other reason aborts at once, between
+        two blocks of whichever network runs. A hard reason overrides an earlier "interrupted"."""
+        if self.stop_reason in (None, "interrupted"):
+            self.stop_reason = reason
+        if self.stopped_at is None:
+            self.stopped_at = time.monotonic()
         self.interrupt.set()
+
+    def should_abort(self) -> bool:
+        """What the networks ask between their blocks (`generate(abort=...)`)."""
+        if not self.interrupt.is_set():
+            return False
+        if self.stop_reason != "interrupted":
+            return True
+        return time.monotonic() - self.stopped_at > self.interrupt_grace
 
     def eta_seconds(self) -> float:
         if not self.started or not self.step or not self.total:
@@ -130,6 +154,15 @@ class JobQueue:
             ahead = [j for j in ids[: ids.index(job.id)] if self._jobs[j].status in ("queued", "running")]
         return len(ahead)
 
+    def cancel(self, job: Job) -> bool:
+        """Cancel a job that has not started; False if it runs or ran already."""
+        with self._lock:
+            if job.status != "queued":
+                return False
+            job.status = "cancelled"
+            job.future.cancel()
+            return True
+
     def _retry_after(self, waiting: int) -> int:
         return max(1, round(self.last_job_seconds * (waiting + 1)))
 
@@ -163,6 +196,11 @@ class JobQueue:
             return True
 
     def _execute(self, job: Job) -> None:
+        timer = None
+        if job.time_limit:
+            timer = threading.Timer(job.time_limit, job.stop, args=("timeout",))
+            timer.daemon = True
+            timer.start()
         try:
             result = job.work(job)
         except BaseException as error:  # the worker must survive anything a job does
@@ -175,6 +213,9 @@ class JobQueue:
             job.status = "done"
             self._finish(job)
             job.future.set_result(result)
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def _finish(self, job: Job) -> None:
         """The worker is idle again before the job's requester hears back, so that a /progress call made right
@@ -182,16 +223,25 @@ class JobQueue:
         job.finished, self.current = time.time(), None
         self.last_job_seconds = job.finished - job.started
 
+    def worker_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def current_kind(self) -> str:
+        job = self.current
+        return "idle" if job is None else f"{job.kind} job {job.id}"
+
     # ---- shutdown ----
 
-    def close(self, grace: float = 10.0, wait: bool = True) -> None:
-        """Refuse new jobs, cancel waiting ones, give the running one `grace` seconds, then interrupt it."""
+    def close(self, grace: float = 10.0, wait: bool = True, join_timeout: float | None = None) -> None:
+        """Refuse new jobs, cancel waiting ones, give the running one `grace` seconds, then abort it; with
+        `wait`, wait for the worker to end (at most `join_timeout` seconds, default grace + 30)."""
         with self._lock:
             self._closed = True
             for job in list(self._jobs.values()):
                 if job.status == "queued":
                     job.status = "cancelled"
-                    job.future.set_exception(ShuttingDownError("the server shut down before this job ran"))
+                    if not job.future.done():  # (a request that went away cancelled it already)
+                        job.future.set_exception(ShuttingDownError("the server shut down before this job ran"))
             self._waiting.put(None)
         running = self.current
         if running is not None:
@@ -199,7 +249,7 @@ class JobQueue:
             timer.daemon = True
             timer.start()
         if wait and self._thread is not None:
-            self._thread.join(grace + 30)
+            self._thread.join(grace + 30 if join_timeout is None else join_timeout)
 
     @property
     def closed(self) -> bool:

@@ -6,6 +6,7 @@ images, which it does not do. Errors use OpenAI's shape, `{"error": {"message", 
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi import APIRouter, Request
@@ -39,8 +40,8 @@ async def generations(body: OpenAIImageRequest, request: Request) -> dict:
     params = GenerationParams(prompt=body.prompt, negative_prompt=body.negative_prompt, width=width,
                               height=height, steps=body.steps, cfg_scale=body.cfg_scale, seed=body.seed,
                               batch_size=body.n, sampler=DEFAULTS.sampler, schedule=DEFAULTS.schedule)
-    prepared = state.prepare(params, model=body.model)
-    output = await state.run(prepared)
+    prepared = await asyncio.to_thread(state.prepare, params, model=body.model)
+    output = await state.run(prepared, client=request)
     data = [{"b64_json": b64(png_bytes(image, text)), "revised_prompt": body.prompt}
             for image, text in zip(output.images, output.infotexts)]
     return {"created": int(time.time()), "data": data}

@@ -1,8 +1,9 @@
 """Running the app under uvicorn, with a clean stop on SIGTERM / Ctrl-C.
 
 On the signal, the job queue stops taking jobs and cancels the waiting ones (their requests get 503) at
-once, while the running job gets `shutdown_grace_s` to finish before its sampler is interrupted; uvicorn
-meanwhile stops accepting connections and waits for the open requests, then the process exits with status 0.
+once, while the running job gets `shutdown_grace_s` to finish before it is aborted (between two network
+blocks, within about a second); uvicorn meanwhile stops accepting connections and waits for the open
+requests, then the process exits with status 0, within `shutdown_grace_s` + a few seconds in any state.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import socket
 import threading
@@ -22,6 +24,8 @@ from .app import create_app
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
+
+EXIT_MARGIN_S = 3  # after the grace, how long open requests get to hear that their job was stopped
 
 
 class _Server(uvicorn.Server):
@@ -47,9 +51,17 @@ def serve(settings: ServerSettings) -> None:
         log.warning("listening on %s without authentication: anyone who can reach this port can use it; "
                     "set an API key (--api-key / SDLAB_API_KEY)", settings.host)
     app = create_app(settings)
+    state = app.state.sdlab
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5)
-    _Server(config, app.state.sdlab.begin_shutdown).run()
+                            timeout_graceful_shutdown=int(settings.shutdown_grace_s) + EXIT_MARGIN_S)
+    _Server(config, state.begin_shutdown).run()
+    if state.queue.worker_alive():
+        # Only a step that cannot be stopped part-way (reading a model file) is still running. Exiting now
+        # without waiting for it is safe (nothing is being written), and skipping the interpreter's
+        # teardown keeps it from destroying a thread that is inside torch (a C++ abort).
+        log.warning("the worker is still busy (%s); exiting without waiting for it", state.queue.current_kind())
+        logging.shutdown()
+        os._exit(0)
 
 
 @contextlib.contextmanager

@@ -39,7 +39,18 @@ class ServerSettings:
     device: str = "cpu"
     dtype: str = "fp32"
     log_level: str = "info"
-
+    # Named files clients may use (`<lora:name:w>`): looked up only directly inside these folders.
+    lora_dirs: tuple[Path, ...] = ()
+    # The cost of one job (server/limits.py). A request is priced before any model work (its FLOP, with the
+    # VAE and the sampler's evaluations counted) and refused (422) if it would take longer than
+    # max_job_seconds at this machine's measured speed (flops_per_second: None = measured when a model is
+    # loaded); a job still running after job_timeout_s is stopped (None: 2 x max_job_seconds; 0: never).
+    max_job_seconds: float = 300.0
+    job_timeout_s: float | None = None
+    flops_per_second: float | None = None
+    max_image_pixels: int = 2048 * 2048  # width x height of one image: bounds the VAE's memory
+    # After POST /interrupt the job may finish decoding what it has for this long before it is aborted.
+    interrupt_grace_s: float = 5.0
     # Web-facing checks (auth.py, app.py). allowed_hosts: Host header names answered besides localhost,
     # 127.0.0.1 and [::1] (with any port); "*" = any. On a non-loopback address, empty = any.
     allowed_hosts: tuple[str, ...] = ()

@@ -9,10 +9,15 @@ import threading
 
 from ..errors import ParameterError
 from ..params import GenerationParams
+from ..prompts import extract_lora_tags
+from ..resources import LORA_SUFFIXES, LoadedResourceFolder
 from .engine import GenerationOutput, GenerationRequest, run_generation
-from .jobs import JOB_ID, Job, JobQueue
+from .jobs import JOB_ID, ClientGoneError, Job, JobQueue
+from .limits import JobLimits
 from .registry import ModelRegistry
 from .settings import ServerSettings
+
+DISCONNECT_POLL_S = 0.5  # how often a waiting request checks that its client is still there
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +28,8 @@ class ServerState:
         self.registry = ModelRegistry(settings)
         self.queue = JobQueue(settings.queue_size, settings.kept_jobs)
         self.model_name = self.registry.default_name
+        self.limits = JobLimits(settings)
+        self.loras = LoadedResourceFolder("LoRA", settings.lora_dirs, LORA_SUFFIXES)
         self._shutdown_started = threading.Event()
 
     # ---- requests -> jobs ----
@@ -40,39 +47,62 @@ class ServerState:
             raise ParameterError(
                 f"batch_size x n_iter = {params.batch_size * n_iter} images; this server makes at most "
                 f"{self.settings.max_images} per request")
+        for name, _ in extract_lora_tags(params.prompt)[1]:
+            self.loras.path(name)  # an unknown or invalid name is a 422 now, not a failed job later
         model = self.registry.resolve(model or self.model_name).name
-        params = params.resolved(self.registry.config(model))
-        return GenerationRequest(params, model, n_iter, save_steps)
+        config = self.registry.config(model)
+        params = params.resolved(config)
+        flops = self.limits.check(config, params, n_iter=n_iter, save_steps=save_steps)
+        return GenerationRequest(params, model, n_iter, save_steps, flops)
 
     def submit(self, request: GenerationRequest, job_id: str | None = None) -> Job:
-        job = Job(work=lambda job: run_generation(self.registry, request, job))
+        job = Job(work=lambda job: run_generation(self.registry, request, job, self.loras, self.limits),
+                  time_limit=self.limits.time_limit, interrupt_grace=self.settings.interrupt_grace_s)
         if job_id is not None:
             if not JOB_ID.fullmatch(job_id):
                 raise ParameterError(f"force_task_id {job_id!r}: use 1-100 letters, digits or _-.:()")
             job.id = job_id
         return self.queue.submit(job)
 
-    async def run(self, request: GenerationRequest, job_id: str | None = None) -> GenerationOutput:
-        """Queue the request and wait (without holding a thread) for its output."""
+    async def run(self, request: GenerationRequest, job_id: str | None = None, client=None) -> GenerationOutput:
+        """Queue the request and wait (without holding a thread) for its output. With `client` (the
+        Starlette request), a client that goes away takes its job with it: cancelled while it waits,
+        aborted while it runs."""
         job = self.submit(request, job_id)
-        return await asyncio.wrap_future(job.future)
+        return await self._wait(job, client)
+
+    async def _wait(self, job: Job, client):
+        future = asyncio.wrap_future(job.future)
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return future.result()
+            if client is not None and await client.is_disconnected():
+                log.info("job %s: its client went away; %s", job.id,
+                         "cancelled" if self.queue.cancel(job) else "stopping it")
+                job.stop("disconnected")
+                raise ClientGoneError("the client disconnected")
 
     async def switch_model(self, name: str) -> str:
         """Load model `name` on the worker (in turn with the generation jobs) and make it the default."""
         entry = self.registry.resolve(name)
-        job = self.queue.submit(Job(work=lambda job: self.registry.load(entry.name), kind="load-model"))
-        await asyncio.wrap_future(job.future)
+        await asyncio.wrap_future(self.queue.submit(self._load_job(entry.name)).future)
         self.model_name = entry.name
         return entry.name
+
+    def _load_job(self, name: str) -> Job:
+        def load(job: Job) -> None:
+            model, _ = self.registry.load(name)
+            self.limits.calibrate(model)
+
+        return Job(work=load, kind="load-model")
 
     # ---- life cycle ----
 
     async def start(self) -> None:
         """Load the startup model on the worker thread, so that the first request does not wait for it and a
         missing model stops the server at once."""
-        name = self.model_name
-        job = self.queue.submit(Job(work=lambda job: self.registry.load(name), kind="load-model"))
-        await asyncio.wrap_future(job.future)
+        await asyncio.wrap_future(self.queue.submit(self._load_job(self.model_name)).future)
 
     def begin_shutdown(self) -> None:
         """SIGTERM: refuse new jobs, cancel waiting ones, let the running one finish within the grace time."""
@@ -83,4 +113,4 @@ class ServerState:
 
     def stop(self) -> None:
         self.begin_shutdown()
-        self.queue.close(self.settings.shutdown_grace_s, wait=True)
+        self.queue.close(self.settings.shutdown_grace_s, wait=True, join_timeout=self.settings.shutdown_grace_s + 2)
