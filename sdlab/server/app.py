@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__
@@ -208,6 +209,11 @@ def _add_error_handlers(app: FastAPI) -> None:
         first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
         field = ".".join(str(p) for p in first["loc"][1:])
         return _error(request, 422, f"{field}: {first['msg']}", param=field)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):
+        # 404s and 405s, and the routes' own HTTPExceptions: their details may quote a client's path
+        return _error(request, error.status_code, str(error.detail), headers=error.headers)
 
     @app.exception_handler(SdlabError)
     async def sdlab_error(request: Request, error: SdlabError):

@@ -42,6 +42,14 @@ class Txt2ImgRequest(_Lenient):
     send_images: bool = True
     save_steps: bool = Field(False, description="sdlab: keep the x0 preview of every step for /sdlab/v1/jobs/{id}/steps")
 
+    @field_validator("force_task_id")
+    @classmethod
+    def _addressable_id(cls, job_id: str | None) -> str | None:
+        if job_id is not None and not job_id.strip("."):
+            raise ValueError("a job id of dots only cannot be a path segment of /sdlab/v1/jobs/{id}; "
+                             "use 1-100 letters, digits or _-.:()")
+        return job_id
+
     @field_validator("override_settings")
     @classmethod
     def _finite_numbers(cls, settings: dict[str, Any]) -> dict[str, Any]:
