@@ -428,8 +428,9 @@ def test_loopback_server_answers_only_loopback_host_names(client):
 def test_allowed_hosts_setting():
     from sdlab.server.auth import host_refusal
 
-    loopback_plus = ServerSettings(allowed_hosts=("sd.example", "[fe80::1]"))
-    assert host_refusal("sd.example:7860", loopback_plus) is None and host_refusal("[fe80::1]", loopback_plus) is None
+    loopback_plus = ServerSettings(allowed_hosts=("sd.example", "[fe80::1]", "fe80::2", "Other.Example:8443"))
+    for host in ("sd.example:7860", "[fe80::1]", "[fe80::2]:80", "other.example", "other.example:1"):
+        assert host_refusal(host, loopback_plus) is None, host
     assert host_refusal("localhost", loopback_plus) is None and host_refusal("evil.example", loopback_plus)
     assert host_refusal("evil.example", ServerSettings(host="0.0.0.0")) is None  # no list: any name
     listed = ServerSettings(host="0.0.0.0", allowed_hosts=("sd.example",))

@@ -74,7 +74,18 @@ class ServerSettings:
         """The Host names (lower case, without port or brackets) requests may carry; None = any."""
         if "*" in self.allowed_hosts or not (self.is_loopback or self.allowed_hosts):
             return None  # on the network, clients may use names the server cannot know; --allowed-host narrows it
-        return frozenset((*LOOPBACK_HOSTS, *(h.strip("[]").lower() for h in self.allowed_hosts)))
+        return frozenset((*LOOPBACK_HOSTS, *map(_bare_host, self.allowed_hosts)))
+
+
+def _bare_host(name: str) -> str:
+    """An --allowed-host as the Host check compares it: 'SD.example:8443' -> 'sd.example', '[fe80::1]' ->
+    'fe80::1' (an IPv6 address without brackets stays as it is)."""
+    name = name.strip().lower()
+    if name.startswith("["):
+        return name[1:].partition("]")[0]
+    if name.count(":") == 1:
+        name = name.partition(":")[0]
+    return name.rstrip(".")
 
 
 def _check_credentials(settings: ServerSettings) -> None:
