@@ -86,8 +86,9 @@ def content_type_refusal(method: str, headers: Mapping[str, str]) -> str | None:
     content_type = headers.get("content-type")
     if content_type is None:
         has_body = headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
-        return "a body without a Content-Type is refused: send JSON with Content-Type: application/json" \
-            if has_body else None
+        if has_body:
+            return "a body without a Content-Type is refused: send JSON with Content-Type: application/json"
+        return None
     if is_json(content_type):
         return None
     return (f"Content-Type {_shown(content_type)} refused: this API takes JSON bodies "
