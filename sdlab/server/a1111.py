@@ -65,6 +65,13 @@ async def img2img(body: Img2ImgRequest, request: Request) -> ImageResponse:
     state = _state(request)
     if not body.init_images:
         raise ParameterError("init_images: give at least one base64 image")
+    # Decoding the images takes CPU time that a client chooses: a worker thread's, not the event loop's.
+    prepared = await asyncio.to_thread(_prepare_img2img, state, body)
+    output = await state.run(prepared, body.force_task_id, client=request)
+    return _response(body, prepared, output)
+
+
+def _prepare_img2img(state: ServerState, body: Img2ImgRequest) -> GenerationRequest:
     limit = state.settings.max_upload_bytes
     init = decode_image(body.init_images[0], "init_images[0]", limit)
     mask = decode_image(body.mask, "mask", limit) if body.mask else None
@@ -73,9 +80,7 @@ async def img2img(body: Img2ImgRequest, request: Request) -> ImageResponse:
     if mask is not None and mask.size != init.size:
         mask = mask.resize(init.size)  # A1111 resizes the mask to the image
     params = to_params(body).replace(init_image=init, mask=mask, strength=body.denoising_strength)
-    prepared = await asyncio.to_thread(_prepare, state, body, params)
-    output = await state.run(prepared, body.force_task_id, client=request)
-    return _response(body, prepared, output)
+    return _prepare(state, body, params)
 
 
 def to_params(body: Txt2ImgRequest) -> GenerationParams:

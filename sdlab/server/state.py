@@ -102,7 +102,12 @@ class ServerState:
     async def start(self) -> None:
         """Load the startup model on the worker thread, so that the first request does not wait for it and a
         missing model stops the server at once."""
-        await asyncio.wrap_future(self.queue.submit(self._load_job(self.model_name)).future)
+        loading = asyncio.wrap_future(self.queue.submit(self._load_job(self.model_name)).future)
+        while not loading.done():  # a SIGTERM while a slow model loads must not wait for it
+            if self._shutdown_started.is_set():
+                return
+            await asyncio.wait({loading}, timeout=0.2)
+        loading.result()  # a model that cannot load stops the server here
 
     def begin_shutdown(self) -> None:
         """SIGTERM: refuse new jobs, cancel waiting ones, let the running one finish within the grace time."""
