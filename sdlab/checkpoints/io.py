@@ -123,9 +123,8 @@ def check_regular_file(path: Path, what: str = "file") -> int:
     FIFOs, devices and sockets are refused before anything opens them: reading a FIFO waits forever."""
     mode = check_path(path)
     if stat.S_ISDIR(mode.st_mode):
-        raise CheckpointError(
-            f"{path}: is a folder, not a {what} (a diffusers folder is read by load_checkpoint)"
-        )
+        hint = " (a diffusers folder is read by load_checkpoint)" if what == "checkpoint file" else ""
+        raise CheckpointError(f"{path}: is a folder, not a {what}{hint}")
     if not stat.S_ISREG(mode.st_mode):
         raise CheckpointError(f"{path}: not a regular file (a FIFO, device or socket), so not a {what}")
     return mode.st_size
