@@ -404,9 +404,11 @@ def cmd_serve(args) -> int:
 
 def cmd_convert(args) -> int:
     from .checkpoints import load_checkpoint, save_diffusers, save_single_file
+    from .model import check_checkpoint
 
     layout = args.layout or ("single-file" if args.dest.suffix == ".safetensors" else "diffusers")
     ckpt = load_checkpoint(args.source)
+    check_checkpoint(ckpt)  # weights that `load` would refuse are refused before anything is written
     save = save_single_file if layout == "single-file" else save_diffusers
     dtype = DTYPES[args.dtype] if args.dtype else None
     path = save(args.dest, ckpt.config, ckpt.unet, ckpt.vae, ckpt.text_encoder, dtype=dtype,
