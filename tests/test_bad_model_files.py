@@ -818,3 +818,12 @@ def test_malicious_pickles_are_refused_and_never_run(tmp_path, kind, form, exten
     assert main(["info", str(path)]) == 2
     assert str(path) in capsys.readouterr().err
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("bad", ["tensor-wrong-shape", "unet-weights-wrong-shape", "tensor-unexpected"], indirect=True)
+def test_convert_refuses_weights_that_would_not_load_and_writes_nothing(bad, tmp_path, capsys):
+    path, _ = bad
+    out = tmp_path / "converted"
+    assert main(["convert", str(path), str(out)]) == 2
+    assert not out.exists()
+    assert_clear(capsys.readouterr().err.strip(), path)
