@@ -66,12 +66,18 @@ class CostModel:
         pixels = (params.height // f) * (params.width // f)
         images = params.batch_size * n_iter
         guided = 1 if params.cfg_scale == 1.0 else 2
-        steps = params.steps if params.mode == "txt2img" else min(int(params.steps * params.strength), params.steps)
-        evaluations = steps * get_sampler(params.sampler).evaluations * guided * images
         chunks = guided * images * (1 + len(params.prompt) // CHUNK_TOKENS)  # a token is at least one character
         encodes = 0 if params.mode == "txt2img" else (2 if config.is_inpainting else 1) * n_iter
-        return (evaluations * self.unet.flops(pixels) + images * decodes_per_image * self.decode.flops(pixels)
+        return (unet_evaluations(params, n_iter) * self.unet.flops(pixels)
+                + images * decodes_per_image * self.decode.flops(pixels)
                 + encodes * self.encode.flops(pixels) + chunks * self.text_chunk)
+
+
+def unet_evaluations(params: GenerationParams, n_iter: int = 1) -> int:
+    """UNet passes of one image each: steps run x the sampler's evaluations per step x 2 with guidance."""
+    steps = params.steps if params.mode == "txt2img" else min(int(params.steps * params.strength), params.steps)
+    guided = 1 if params.cfg_scale == 1.0 else 2
+    return steps * get_sampler(params.sampler).evaluations * guided * params.batch_size * n_iter
 
 
 @functools.lru_cache(maxsize=16)

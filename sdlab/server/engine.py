@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from ..cost import unet_evaluations
 from ..generation import StepInfo, decode_latents, generate
 from ..images import grid
 from ..interrupts import GenerationAborted
@@ -61,7 +62,8 @@ def run_generation(registry: ModelRegistry, request: GenerationRequest, job: Job
     if out.interrupted and job.stop_reason != "interrupted":
         raise _stopped_error(job)
     if limits is not None and not out.interrupted:
-        limits.observe(request.flops, time.perf_counter() - start)
+        limits.observe(model.config, request.flops, unet_evaluations(request.params, request.n_iter),
+                       time.perf_counter() - start)
     return out
 
 

@@ -1,9 +1,9 @@
 """What one request may cost: admission by estimated time, before any model work.
 
 A request's work is priced in FLOP (`sdlab.cost`: UNet evaluations of its sampler and guidance, the VAE
-decodes and encodes, the text encoder), then turned into seconds at this machine's speed, measured once
-when the first model is loaded (one UNet pass at the model's native size) and refined by every finished
-job. A request over `max_job_seconds` is refused with 422, saying what it would cost and what the limit
+decodes and encodes, the text encoder), then turned into seconds at this machine's speed for that model,
+measured when the model is loaded (UNet passes at its native size and at half the side: FLOP/s and a fixed
+cost per pass) and corrected by every finished job. A request over `max_job_seconds` is refused with 422, saying what it would cost and what the limit
 is; one image may not exceed `max_image_pixels` (what bounds the VAE's memory). Jobs that still run past
 `job_timeout_s` are stopped by the job queue.
 """
@@ -17,7 +17,7 @@ import time
 import torch
 
 from ..config import ModelConfig
-from ..cost import cost_model, describe_flops
+from ..cost import cost_model, describe_flops, unet_evaluations
 from ..errors import ParameterError
 from ..params import GenerationParams
 from .settings import ServerSettings
@@ -30,9 +30,16 @@ class CostLimitError(ParameterError):
 
 
 class JobLimits:
+    """Prices requests in seconds: FLOP / the machine's FLOP/s, plus a fixed cost per UNet evaluation (the
+    per-call overhead that dominates small models: the built-in model's 64x64 pass reaches a few percent of
+    the FLOP/s that a 512x512 one does)."""
+
     def __init__(self, settings: ServerSettings):
         self.settings = settings
-        self.flops_per_second = settings.flops_per_second  # None until measured
+        self.flops_per_second = settings.flops_per_second  # of the model measured last; None until measured
+        self.seconds_per_evaluation = 0.0
+        self.correction = 1.0  # actual / predicted seconds of the finished jobs (moving average)
+        self._speeds: dict[ModelConfig, tuple[float, float]] = {}  # (FLOP/s, seconds per evaluation)
         self._lock = threading.Lock()
 
     @property
@@ -50,6 +57,13 @@ class JobLimits:
             costs = cost_model(config)
         return costs.request_flops(config, params, n_iter=n_iter, decodes_per_image=1 + save_steps * params.steps)
 
+    def seconds(self, flops: float, evaluations: int, config: ModelConfig | None = None) -> float:
+        """Estimated seconds on `config`'s measured speed (or the last model's, for one not loaded yet)."""
+        rate, overhead = self._speeds.get(config, (self.flops_per_second, self.seconds_per_evaluation))
+        if not rate:
+            return 0.0
+        return self.correction * (flops / rate + evaluations * overhead)
+
     def check(self, config: ModelConfig, params: GenerationParams, *, n_iter: int = 1,
               save_steps: bool = False) -> float:
         """Refuse (CostLimitError) a request over the limits; return its FLOP."""
@@ -58,7 +72,7 @@ class JobLimits:
             raise CostLimitError(f"{params.width}x{params.height} is {pixels} pixels per image; this server makes "
                                  f"images of at most {most} pixels (max_image_pixels)")
         flops = self.estimate(config, params, n_iter=n_iter, save_steps=save_steps)
-        seconds = flops / self.flops_per_second if self.flops_per_second else 0.0
+        seconds = self.seconds(flops, unet_evaluations(params, n_iter), config)
         limit = self.settings.max_job_seconds
         if seconds > limit:
             raise CostLimitError(
@@ -70,25 +84,43 @@ class JobLimits:
     # ---- the machine's speed (worker thread) ----
 
     def calibrate(self, model) -> None:
-        """Measure FLOP/s with one UNet pass (batch 2, as with guidance) at the model's native size, unless
-        the settings fix the speed or it was measured before."""
-        if self.flops_per_second is not None:
-            return
+        """Time one UNet pass (batch 2, as with guidance) at the model's native size and at half its side:
+        the difference gives FLOP/s, the rest the fixed cost of a pass. Skipped when the settings fix the
+        speed or it was measured before."""
         config = model.config
-        side = config.default_size // config.vae.downscale
-        x = torch.zeros(2, config.unet.in_channels, side, side, device=model.device, dtype=model.dtype)
-        context = torch.zeros(2, 77, config.unet.context_dim, device=model.device, dtype=model.dtype)
-        t = torch.full((2,), 500.0, device=model.device)
-        with torch.no_grad():
-            model.unet(x, t, context)  # the first call packs weights, allocates: not representative
-            start = time.perf_counter()
-            model.unet(x, t, context)
-            seconds = time.perf_counter() - start
-        self.flops_per_second = 2 * cost_model(config).unet.flops(side * side) / max(seconds, 1e-6)
-        log.info("this machine runs %s/s on %s (one UNet pass, %dx%d, batch 2)",
-                 describe_flops(self.flops_per_second), config.name, config.default_size, config.default_size)
+        if self.settings.flops_per_second is not None or config in self._speeds:
+            return
+        step = 2 ** (len(config.unet.channels) - 1)
+        high = max(step, config.default_size // config.vae.downscale // step * step)
+        low = max(step, high // 2 // step * step)
+        unet = cost_model(config).unet
+        (f1, t1), (f2, t2) = ((2 * unet.flops(s * s), _time_unet_pass(model, s)) for s in (low, high))
+        if f2 > f1 and t2 > t1:
+            self.flops_per_second = (f2 - f1) / (t2 - t1)
+            self.seconds_per_evaluation = max(0.0, t1 - f1 / self.flops_per_second) / 2
+        else:  # too fast to tell apart (or noise): all of it as FLOP/s
+            self.flops_per_second, self.seconds_per_evaluation = f2 / max(t2, 1e-6), 0.0
+        self._speeds[config] = (self.flops_per_second, self.seconds_per_evaluation)
+        log.info("this machine runs %s/s on %s, plus %.1f ms per UNet evaluation", describe_flops(
+            self.flops_per_second), config.name, 1000 * self.seconds_per_evaluation)
 
-    def observe(self, flops: float, seconds: float) -> None:
-        """Move the speed halfway towards what a finished job achieved (jobs are the real workload)."""
-        if self.settings.flops_per_second is None and self.flops_per_second and seconds > 0.05:
-            self.flops_per_second = 0.5 * self.flops_per_second + 0.5 * flops / seconds
+    def observe(self, config: ModelConfig, flops: float, evaluations: int, seconds: float) -> None:
+        """Move the correction halfway towards what a finished job took against its estimate (jobs are the
+        real workload, and the machine may be shared), within 4x either way."""
+        predicted = self.seconds(flops, evaluations, config) / self.correction
+        if self.settings.flops_per_second is None and predicted > 0.05:
+            ratio = min(4.0, max(0.25, seconds / predicted))
+            self.correction = 0.5 * self.correction + 0.5 * ratio
+
+
+def _time_unet_pass(model, side: int) -> float:
+    """Seconds of one UNet pass on (2, C, side, side) latents, the second of two (the first packs weights)."""
+    config = model.config
+    x = torch.zeros(2, config.unet.in_channels, side, side, device=model.device, dtype=model.dtype)
+    context = torch.zeros(2, 77, config.unet.context_dim, device=model.device, dtype=model.dtype)
+    t = torch.full((2,), 500.0, device=model.device)
+    with torch.no_grad():
+        model.unet(x, t, context)
+        start = time.perf_counter()
+        model.unet(x, t, context)
+        return time.perf_counter() - start
