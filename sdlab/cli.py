@@ -95,6 +95,8 @@ def _add_generate(sub, mode: str, common) -> None:
         p.add_argument("--mask", type=Path, required=mode == "inpaint", help="white = repaint")
     _add_param_flags(p, with_image=mode != "generate")
     _add_model_flags(p)
+    p.add_argument("--lora-dir", type=Path, action="append", dest="lora_dirs", metavar="DIR",
+                   help="where <lora:name:w> prompt tags find name.safetensors (repeatable; default: loras)")
     p.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs)")
     p.add_argument("--save-steps", choices=("gif", "grid"), help="also save the x0 preview of each step")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -174,6 +176,14 @@ def _add_serve(sub, common) -> None:
     p.add_argument("--queue-size", type=int, default=8, help="jobs that may wait; more get 429 (default: 8)")
     p.add_argument("--max-images", type=int, default=16, help="images per request (default: 16)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds the running job gets on SIGTERM")
+    p.add_argument("--lora-dir", type=Path, action="append", dest="lora_dirs", default=[], metavar="DIR",
+                   help="folder whose LoRAs <lora:name:w> tags may name (repeatable; default: none)")
+    p.add_argument("--max-job-seconds", type=float, default=300.0, help="refuse (422) a request whose "
+                   "estimated work takes longer on this machine (default: 300)")
+    p.add_argument("--job-timeout", type=float, default=None, help="stop a job still running after this "
+                   "many seconds (default: 2 x --max-job-seconds; 0 = never)")
+    p.add_argument("--max-image-pixels", type=int, default=2048 * 2048,
+                   help="width x height of one image at most (default: 2048x2048)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
@@ -309,7 +319,7 @@ def _generate_and_save(model, info, params: GenerationParams, args) -> list[Path
     recorder = TrajectoryRecorder(model) if args.save_steps else None
     bar = _ProgressBar(disable=args.quiet)
     try:
-        result = generate(model, params, callback=chain(bar, recorder))
+        result = generate(model, params, callback=chain(bar, recorder), named_loras=_lora_folder(args))
     finally:
         bar.close()
     resolved = result.params
@@ -323,6 +333,12 @@ def _generate_and_save(model, info, params: GenerationParams, args) -> list[Path
     for path in paths:
         print(path)
     return paths
+
+
+def _lora_folder(args):
+    from .resources import LORA_SUFFIXES, ResourceFolder
+
+    return ResourceFolder("LoRA", args.lora_dirs or [Path("loras")], LORA_SUFFIXES)
 
 
 class _ProgressBar:
@@ -395,6 +411,8 @@ def cmd_serve(args) -> int:
         basic_auth=args.basic_auth, cors_origins=tuple(args.cors_origin),
         allowed_hosts=tuple(args.allowed_host), queue_size=args.queue_size,
         max_images=args.max_images, shutdown_grace_s=args.grace, device=args.device, dtype=args.dtype,
+        lora_dirs=tuple(args.lora_dirs), max_job_seconds=args.max_job_seconds, job_timeout_s=args.job_timeout,
+        max_image_pixels=args.max_image_pixels,
         log_level="info" if args.verbose else "warning",
     )
     print(f"sdlab: serving {args.model} on http://{args.host}:{args.port}/", file=sys.stderr)
