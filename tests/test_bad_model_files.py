@@ -827,3 +827,9 @@ def test_convert_refuses_weights_that_would_not_load_and_writes_nothing(bad, tmp
     assert main(["convert", str(path), str(out)]) == 2
     assert not out.exists()
     assert_clear(capsys.readouterr().err.strip(), path)
+
+
+@pytest.mark.parametrize("name", ["a\x00b.safetensors", "x" * 5000 + ".safetensors"], ids=["nul", "too-long"])
+def test_impossible_paths(tmp_path, name):
+    with pytest.raises(CheckpointError, match="not a valid path|cannot be read"):
+        sdlab.load(tmp_path / name)

@@ -123,7 +123,10 @@ def find_weight_files(component_dir: Path, name: str, variant: str | None) -> li
         index = component_dir / f"{name}.{ext}.index{suffix}.json"
         if os.path.lexists(index):
             return _shards(index)
-    present = sorted(p.name for p in component_dir.iterdir())
+    try:
+        present = sorted(p.name for p in component_dir.iterdir())
+    except OSError as e:
+        raise CheckpointError(f"{component_dir}: cannot be listed ({e.strerror or type(e).__name__})") from None
     present = present if len(present) <= 12 else [*present[:12], f"... ({len(present) - 12} more)"]
     hint = " (pass variant=... to pick one of the variant files)" if not variant and any(
         p.count(".") >= 2 for p in present) else ""

@@ -112,6 +112,8 @@ def check_path(path: Path) -> os.stat_result:
         return os.stat(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file or folder") from None
+    except ValueError:  # a NUL character in the path
+        raise CheckpointError(f"{str(path)!r}: not a valid path (it contains a NUL character)") from None
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise CheckpointError(f"{path}: a symlink loop (too many levels of symbolic links)") from None
@@ -151,8 +153,8 @@ def _read_head(path: Path, n: int) -> bytes:
     once open (so a FIFO swapped in after `check_regular_file` cannot hang the reader either)."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot be opened ({e.strerror or type(e).__name__})") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot be opened ({getattr(e, 'strerror', None) or type(e).__name__})") from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise CheckpointError(f"{path}: not a regular file (a FIFO, device or socket)")
