@@ -20,7 +20,9 @@ class ServerSettings:
     unless `cors_origins` lists origins. On loopback, only requests for localhost / 127.0.0.1 / [::1] (and
     `allowed_hosts`) are answered, so that a web page cannot reach it through DNS rebinding; cross-site and
     non-JSON POSTs are refused (CSRF). Clients pick models by *name* only, among `builtin`, the startup
-    `model`, and the checkpoints found directly in `models_dir`; no request carries a filesystem path.
+    `model`, and the checkpoints found directly in `models_dir`, and LoRAs by name among the files directly
+    in `lora_dirs`; no request carries a filesystem path. Every request is priced before any model work and
+    refused over `max_job_seconds`; every job can be stopped within about a second (see docs/security.md).
     """
 
     model: str | None = "builtin"  # the model loaded at startup: "builtin", "random:<preset>", a name in models_dir or a path
@@ -35,7 +37,7 @@ class ServerSettings:
     max_images: int = 16  # batch_size x n_iter of one request
     max_upload_bytes: int = 16 * 2**20  # each base64 image of a request, decoded
     kept_jobs: int = 32  # finished jobs remembered for /sdlab/v1/jobs (progress, trajectories)
-    shutdown_grace_s: float = 10.0  # on SIGTERM the running job gets this long to finish, then is interrupted
+    shutdown_grace_s: float = 10.0  # on SIGTERM the running job gets this long to finish, then is aborted
     device: str = "cpu"
     dtype: str = "fp32"
     log_level: str = "info"
