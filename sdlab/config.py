@@ -76,7 +76,7 @@ class TextEncoderConfig:
         if not _is_int(self.pad_token_id) or not 0 <= self.pad_token_id < self.vocab_size:
             raise ParameterError("TextEncoderConfig.pad_token_id must be a token id from 0 to vocab_size - 1")
         if self.width % self.num_heads:
-            raise ParameterError("TextEncoderConfig.width must be a multiple of num_heads (each head gets an equal share)")
+            raise ParameterError("TextEncoderConfig.width must be a multiple of num_heads (an equal share per head)")
 
 
 @dataclass(frozen=True)

@@ -427,7 +427,8 @@ def _detected_variant(tmp: Path, base: Base, change, metadata=None) -> Path:
 
 @case("detect-1d-conv-in", "model")
 def _(tmp, base):
-    return _detected_variant(tmp, base, lambda t: t.update({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(32)}))
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    return _detected_variant(tmp, base, lambda t: t.update({key: torch.zeros(32)}))
 
 
 @case("detect-0d-token-embedding", "model")
@@ -446,7 +447,8 @@ def _(tmp, base):
 
 @case("detect-non-numeric-block", "model")
 def _(tmp, base):
-    return _detected_variant(tmp, base, lambda t: t.update({"model.diffusion_model.input_blocks.x.0.weight": torch.zeros(1)}))
+    key = "model.diffusion_model.input_blocks.x.0.weight"
+    return _detected_variant(tmp, base, lambda t: t.update({key: torch.zeros(1)}))
 
 
 @case("detect-huge-block-number", "model")

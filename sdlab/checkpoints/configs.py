@@ -453,7 +453,8 @@ def _channels(d: Mapping[str, Any], where: str) -> tuple[int, ...]:
     value = _value(d, "block_out_channels", where, _REQUIRED)
     low, high = SIZE_LIMITS["channels"]
     most = SIZE_LIMITS["levels"][1]
-    if not (isinstance(value, list) and 1 <= len(value) <= most and all(_is_int(c) and low <= c <= high for c in value)):
+    fits = isinstance(value, list) and 1 <= len(value) <= most and all(_is_int(c) and low <= c <= high for c in value)
+    if not fits:
         raise CheckpointError(
             f"{where}: block_out_channels must be a list of 1 to {most} integers from {low} to {high}"
             + ("" if isinstance(value, list) else f" (got {describe_type(value)})")
@@ -484,6 +485,7 @@ def _str_list(d: Mapping[str, Any], name: str, where: str, default) -> list[str]
     value = _value(d, name, where, default)
     if value is None and default is None:
         return None
-    if not (isinstance(value, list) and len(value) <= SIZE_LIMITS["levels"][1] and all(isinstance(v, str) for v in value)):
-        raise CheckpointError(f"{where}: {name} must be a list of at most {SIZE_LIMITS['levels'][1]} names")
+    most = SIZE_LIMITS["levels"][1]
+    if not (isinstance(value, list) and len(value) <= most and all(isinstance(v, str) for v in value)):
+        raise CheckpointError(f"{where}: {name} must be a list of at most {most} names")
     return value

@@ -150,7 +150,9 @@ def _shards(index_file: Path) -> list[Path]:
         raise CheckpointError(f"{index_file}: no 'weight_map' in the shard index")
     names = set(weight_map.values())
     if not all(isinstance(shard, str) and shard and Path(shard).name == shard for shard in names):
-        raise CheckpointError(f"{index_file}: its weight_map names a shard that is not a plain file name in this folder")
+        raise CheckpointError(
+            f"{index_file}: its weight_map names a shard that is not a plain file name in this folder"
+        )
     shards = []
     for shard in sorted(names):
         path = index_file.parent / shard
@@ -186,7 +188,9 @@ def _check_tokenizer_files(tokenizer_dir: Path) -> None:
         if os.path.lexists(path):
             size = check_regular_file(path, "tokenizer file")
             if size > MAX_TOKENIZER_FILE:
-                raise CheckpointError(f"{path}: {size} bytes, too large for a tokenizer file (at most {MAX_TOKENIZER_FILE})")
+                raise CheckpointError(
+                    f"{path}: {size} bytes, too large for a tokenizer file (at most {MAX_TOKENIZER_FILE})"
+                )
 
 
 def _check_model_index(index: Mapping[str, Any], where: Path) -> None:

@@ -154,7 +154,8 @@ def _read_head(path: Path, n: int) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot be opened ({getattr(e, 'strerror', None) or type(e).__name__})") from None
+        reason = getattr(e, "strerror", None) or type(e).__name__
+        raise CheckpointError(f"{path}: cannot be opened ({reason})") from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise CheckpointError(f"{path}: not a regular file (a FIFO, device or socket)")
