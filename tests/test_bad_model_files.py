@@ -87,6 +87,7 @@ def _deadline():
 # or folder whose model is wrong; "folder": a diffusers folder that is broken.
 
 CASES: dict[str, tuple] = {}
+SHORT_LIVED: list[Path] = []  # folders made outside tmp_path, removed after each test
 
 
 def case(name: str, kind: str):
@@ -150,8 +151,9 @@ def _(tmp, base):
 @case("socket", "file")
 def _(tmp, base):
     folder = Path(tempfile.mkdtemp(dir="/tmp"))  # a socket's path must be short (108 bytes)
-    server = socket.socket(socket.AF_UNIX)
-    server.bind(str(folder / "m.safetensors"))
+    SHORT_LIVED.append(folder)
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(folder / "m.safetensors"))  # the socket file stays after closing
     return folder / "m.safetensors"
 
 
@@ -687,9 +689,11 @@ def assert_clear(message: str, path: Path) -> None:
 
 
 @pytest.fixture
-def bad(request, tmp_path, base) -> tuple[Path, str]:
+def bad(request, tmp_path, base):
     builder, kind = CASES[request.param]
-    return builder(tmp_path, base), kind
+    yield builder(tmp_path, base), kind
+    while SHORT_LIVED:
+        shutil.rmtree(SHORT_LIVED.pop(), ignore_errors=True)
 
 
 @pytest.mark.parametrize("bad", sorted(CASES), indirect=True)
