@@ -24,7 +24,6 @@ from ..pngmeta import (
     PARAMETERS_KEY,
     SCHEDULE_LABELS,
     parse_infotext,
-    png_bytes,
     split_sampler,
 )
 from .codec import b64, decode_image
@@ -108,7 +107,7 @@ def _inverted(mask: Image.Image) -> Image.Image:
 
 
 def _response(body: Txt2ImgRequest, prepared: GenerationRequest, output: GenerationOutput) -> ImageResponse:
-    images = [b64(png_bytes(image, text)) for image, text in zip(output.images, output.infotexts)]
+    images = [b64(png) for png in output.pngs]
     parameters = body.model_dump(exclude={"init_images", "mask"})
     return ImageResponse(images=images if body.send_images else [], parameters=parameters,
                          info=json.dumps(_info(prepared, output)))

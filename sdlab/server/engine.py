@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from PIL import Image
 
@@ -46,6 +46,7 @@ class GenerationOutput:
     seeds: list[int]
     model: ModelInfo
     interrupted: bool = False
+    pngs: list[bytes] = field(default_factory=list)  # the images with their infotext, encoded on the worker
 
 
 def run_generation(registry: ModelRegistry, request: GenerationRequest, job: Job,
@@ -78,8 +79,10 @@ def _run_batches(model, info: ModelInfo, request: GenerationRequest, job: Job, n
         if recorder is not None:
             job.frames = [png_bytes(grid(frame, columns=len(frame))) for frame in recorder.frames]
             job.frame_steps = list(recorder.steps)
+        texts = [infotext(result.params, info, index=k) for k in range(batch)]
         out.images += result.images
-        out.infotexts += [infotext(result.params, info, index=k) for k in range(batch)]
+        out.infotexts += texts
+        out.pngs += [png_bytes(image, text) for image, text in zip(result.images, texts)]  # off the event loop
         out.seeds += result.params.seeds
         if result.interrupted:
             out.interrupted = True

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, HTTPException, Request, Response
 
 from ..trajectory import trajectory_gif
@@ -41,8 +43,12 @@ async def job_steps(job_id: str, request: Request, format: str = "json"):
     if not job.frames:
         raise HTTPException(404, f"job {job_id!r} has no recorded steps (ask with save_steps: true)")
     if format == "gif":
-        frames = [[open_image(f, "frame")] for f in job.frames]
-        return Response(trajectory_gif(frames), media_type="image/gif")
+        gif = await asyncio.to_thread(_gif, job.frames)  # up to a frame per step: not on the event loop
+        return Response(gif, media_type="image/gif")
     if format != "json":
         raise HTTPException(422, f"format {format!r}: use 'json' or 'gif'")
     return {"id": job.id, "steps": job.frame_steps, "frames": [b64(f) for f in job.frames]}
+
+
+def _gif(pngs: list[bytes]) -> bytes:
+    return trajectory_gif([[open_image(png, "frame")] for png in pngs])

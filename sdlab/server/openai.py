@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 
 from ..errors import ParameterError
 from ..params import GenerationParams
-from ..pngmeta import parse_size, png_bytes
+from ..pngmeta import parse_size
 from .codec import b64
 from .schemas import DEFAULTS, OpenAIImageRequest
 
@@ -42,6 +42,5 @@ async def generations(body: OpenAIImageRequest, request: Request) -> dict:
                               batch_size=body.n, sampler=DEFAULTS.sampler, schedule=DEFAULTS.schedule)
     prepared = await asyncio.to_thread(state.prepare, params, model=body.model)
     output = await state.run(prepared, client=request)
-    data = [{"b64_json": b64(png_bytes(image, text)), "revised_prompt": body.prompt}
-            for image, text in zip(output.images, output.infotexts)]
+    data = [{"b64_json": b64(png), "revised_prompt": body.prompt} for png in output.pngs]
     return {"created": int(time.time()), "data": data}
