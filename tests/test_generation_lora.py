@@ -79,3 +79,17 @@ def test_a_tag_without_named_loras_is_refused(model, lora_dir):
     path = str(lora_dir / "style.safetensors")
     with pytest.raises(ParameterError, match="given no named LoRAs"):
         sdlab.generate(model, GenerationParams(prompt=f"x <lora:{path}:1>", steps=2, seed=1))
+
+
+def test_cli_finds_tags_in_its_lora_dir_only(lora_dir, tmp_path, capsys):
+    from sdlab.cli import main
+
+    common = ["--model", "random:tiny", "--size", "32x32", "--steps", "2", "--seed", "4", "-q"]
+    assert main(["generate", "a red circle", *common, "--out", str(tmp_path / "plain")]) == 0
+    assert main(["generate", "a red circle <lora:style:0.8>", *common, "--lora-dir", str(lora_dir),
+                 "--out", str(tmp_path / "styled")]) == 0
+    plain, styled = (next((tmp_path / name).glob("*.png")).read_bytes() for name in ("plain", "styled"))
+    assert plain != styled
+    path = lora_dir / "style"
+    assert main(["generate", f"x <lora:{path}:1>", *common, "--out", str(tmp_path / "bad")]) != 0
+    assert "is not valid" in capsys.readouterr().err
