@@ -4,8 +4,9 @@ One dataclass per network plus `ModelConfig`, which bundles them with what the s
 (the training noise schedule and what the UNet predicts). Field names say what they mean; where the
 diffusers `config.json` uses another name, `sdlab.checkpoints.configs` translates.
 
-Presets: SD15, SD15_INPAINT, SD21_BASE (eps, 512), SD21 (v, 768), SD2_INPAINT, and TINY (a few-hundred-
-thousand-parameter model of the same structure for tests).
+The presets (SD15, SD15_INPAINT, SD21_BASE (eps, 512), SD21 (v, 768), SD2_INPAINT, and TINY, a few-hundred-
+thousand-parameter model of the same structure for tests) belong to their families (`sdlab.families`);
+`ModelConfig.family` names the family a config is of.
 
 Every config checks its fields when it is made (types, `SIZE_LIMITS`, and the rules that tie fields together,
 such as channels being a multiple of the GroupNorm groups) and raises `ParameterError` naming the field, so
@@ -211,6 +212,7 @@ class ModelConfig:
     """Everything needed to build a Stable Diffusion model and sample from it."""
 
     name: str
+    family: str = "sd1"  # the `sdlab.families` module that owns this kind of model: key maps, components...
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
@@ -222,6 +224,8 @@ class ModelConfig:
     def __post_init__(self):
         if not isinstance(self.name, str):
             raise ParameterError(f"ModelConfig.name must be a string{_got(self.name)}")
+        if not isinstance(self.family, str):
+            raise ParameterError(f"ModelConfig.family must be a string{_got(self.family)}")
         for name, cls in (("text_encoder", TextEncoderConfig), ("unet", UNetConfig), ("vae", VAEConfig),
                           ("schedule", ScheduleConfig)):
             if not isinstance(getattr(self, name), cls):
@@ -312,35 +316,13 @@ def _set_tuple(config, name: str, value: tuple) -> None:
     object.__setattr__(config, name, value)  # a list given for a tuple field is stored as a tuple (frozen)
 
 
-_OPENCLIP_H = TextEncoderConfig(
-    width=1024, num_layers=23, num_heads=16, mlp_width=4096, activation="gelu", pad_token_id=0
-)
-_SD2_UNET = UNetConfig(context_dim=1024, num_heads=None, head_dim=64, use_linear_projection=True)
+# The presets live with their families (sdlab.families.sd1, sd2, ...); `sdlab.config.SD15` etc. still work.
+_PRESET_NAMES = ("PRESETS", "SD15", "SD15_INPAINT", "SD21_BASE", "SD21", "SD2_INPAINT", "TINY")
 
-SD15 = ModelConfig(name="sd15")
-SD15_INPAINT = ModelConfig(name="sd15-inpaint", unet=UNetConfig(in_channels=9))
-SD21_BASE = ModelConfig(name="sd21-base", text_encoder=_OPENCLIP_H, unet=_SD2_UNET)
-SD21 = ModelConfig(
-    name="sd21",
-    text_encoder=_OPENCLIP_H,
-    unet=dataclasses.replace(_SD2_UNET, upcast_attention=True),
-    prediction="v_prediction",
-    default_size=768,
-)
-SD2_INPAINT = ModelConfig(
-    name="sd2-inpaint", text_encoder=_OPENCLIP_H, unet=dataclasses.replace(_SD2_UNET, in_channels=9)
-)
 
-# A model of SD's structure small enough for unit tests (runs in milliseconds on a CPU).
-TINY = ModelConfig(
-    name="tiny",
-    text_encoder=TextEncoderConfig(width=32, num_layers=3, num_heads=4, mlp_width=64),
-    unet=UNetConfig(
-        channels=(32, 64), attention_levels=(True, False), context_dim=32, num_heads=None, head_dim=8,
-        norm_groups=8,
-    ),
-    vae=VAEConfig(channels=(32, 64), layers_per_block=1, norm_groups=8),
-    default_size=64,
-)
+def __getattr__(name: str):
+    if name in _PRESET_NAMES:  # imported on first use: the families import this module's dataclasses
+        from . import families
 
-PRESETS: dict[str, ModelConfig] = {c.name: c for c in (SD15, SD15_INPAINT, SD21_BASE, SD21, SD2_INPAINT, TINY)}
+        return getattr(families, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,7 +10,7 @@ down (rank, in[, kh, kw]) and up (out, rank[, 1, 1]). Files use the kohya-ss / A
 
 i.e. "lora_unet_" / "lora_te_" + the module's diffusers path with dots as underscores. Many files name UNet
 modules by the original (LDM) layout instead (`lora_unet_input_blocks_1_1_proj_in`); both are accepted,
-translated through the key tables of `sdlab.checkpoints.keymaps`.
+translated through the key tables of `sdlab.families.ldm`.
 
 Two uses:
 - training: `inject_lora(model, rank)` attaches trainable adapters by forward hooks (the model's own weights
@@ -35,7 +35,7 @@ from torch import nn
 from .adapters.patch import WeightPatches, read_weight
 from .checkpoints.atomic import atomic_write
 from .checkpoints.io import read_checkpoint
-from .checkpoints.keymaps import unet_keymap
+from .families.ldm import unet_keymap
 from .errors import CheckpointError, ParameterError
 
 log = logging.getLogger(__name__)

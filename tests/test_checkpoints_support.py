@@ -18,6 +18,7 @@ TINY_SD1 = TINY.replace(
 )
 TINY_SD2 = TINY.replace(
     name="tiny-sd2",
+    family="sd2",
     text_encoder=dataclasses.replace(TINY.text_encoder, activation="gelu", pad_token_id=0),
     unet=dataclasses.replace(TINY.unet, use_linear_projection=True, attention_levels=(True, True)),
     prediction="v_prediction",

@@ -5,8 +5,8 @@
     ckpt.unet, ckpt.vae, ckpt.text_encoder   # diffusers-named state dicts, memory-mapped where possible
     save_diffusers("out/", ckpt.config, ckpt.unet, ckpt.vae, ckpt.text_encoder, dtype=torch.float16)
 
-Modules: `io` (safe reading by content), `keymaps` (original <-> diffusers names, as tables), `convert` (the
-dict -> dict converters), `detect` (which family is this file?), `configs` (config.json <-> dataclasses),
+Modules: `io` (safe reading by content), `convert` (the dict -> dict converters over the key map tables that
+the families declare, `sdlab.families`), `detect` (which family is this file?), `configs` (config.json <-> dataclasses),
 `diffusers_folder`, `single_file`, `atomic` (atomic writes).
 """
 

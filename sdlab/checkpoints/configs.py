@@ -27,11 +27,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from .. import families
 from ..config import (
-    PRESETS,
     SIZE_LIMITS,
     ModelConfig,
     ScheduleConfig,
@@ -231,8 +231,8 @@ def text_encoder_from_transformers(
     d: Mapping[str, Any], pad_token_id: int | None = None, where: str = "text_encoder/config.json"
 ) -> TextEncoderConfig:
     """A CLIPTextConfig dict -> TextEncoderConfig. The padding token is the tokenizer's (CLIPTextConfig's
-    own `pad_token_id` is an unused leftover); without one it is guessed from the family: OpenCLIP (GELU)
-    pads with "!" (0), OpenAI CLIP with <|endoftext|> (49407)."""
+    own `pad_token_id` is an unused leftover); the caller passes the family's default when the tokenizer
+    names none (None: OpenAI CLIP's <|endoftext|>, 49407)."""
     architectures = _str_list(d, "architectures", where, None) or ["CLIPTextModel"]
     model_type = d.get("model_type", "clip_text_model")
     if model_type != "clip_text_model" or architectures[0] not in CLIP_ARCHITECTURES:
@@ -244,7 +244,7 @@ def text_encoder_from_transformers(
     if activation not in CLIP_ACTIVATIONS:
         raise CheckpointError(f"{where}: hidden_act is not supported; use one of {CLIP_ACTIVATIONS}")
     if pad_token_id is None:
-        pad_token_id = 0 if activation == "gelu" else 49407
+        pad_token_id = TextEncoderConfig.pad_token_id
     return _build(TextEncoderConfig, where,
         vocab_size=_int(d, "vocab_size", where, 49408, "vocab_size"),
         max_length=_int(d, "max_position_embeddings", where, 77, "max_length"),
@@ -348,11 +348,15 @@ def config_to_json(config: ModelConfig) -> str:
     return json.dumps(dataclasses.asdict(config), sort_keys=True)
 
 
-def config_from_json(text: str, where: str) -> ModelConfig:
+def config_from_json(text: str, where: str, *, default_family: Callable[[], str] | None = None) -> ModelConfig:
+    """The ModelConfig `config_to_json` wrote. Files written before configs named their family have none:
+    `default_family()` (the caller recognises it from the weights) gives it then."""
     try:
         d = json.loads(text)
+        family = d["family"] if "family" in d or default_family is None else default_family()
         config = ModelConfig(
             name=d["name"],
+            family=family,
             text_encoder=TextEncoderConfig(**d["text_encoder"]),
             unet=_with_tuples(UNetConfig, d["unet"]),
             vae=_with_tuples(VAEConfig, d["vae"]),
@@ -364,6 +368,8 @@ def config_from_json(text: str, where: str) -> ModelConfig:
         )
     except ParameterError as e:  # a field out of range: the message names the field, not its value
         raise CheckpointError(f"{where}: the stored sdlab model config is invalid: {e}") from e
+    except CheckpointError:  # from default_family(): it names the file and what is wrong
+        raise
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise CheckpointError(
             f"{where}: the stored sdlab model config is malformed (a field is missing, unknown or of the wrong "
@@ -371,6 +377,9 @@ def config_from_json(text: str, where: str) -> ModelConfig:
         ) from e
     if config.prediction not in ("epsilon", "v_prediction"):
         raise CheckpointError(f"{where}: the stored sdlab model config has an unknown prediction")
+    if config.family not in families.FAMILIES:
+        raise CheckpointError(f"{where}: the stored sdlab model config names an unknown model family; "
+                              f"sdlab has {sorted(families.FAMILIES)}")
     return config
 
 
@@ -381,7 +390,7 @@ def model_config(where: str, **fields) -> ModelConfig:
 
 def named_like_preset(config: ModelConfig, fallback: str) -> ModelConfig:
     """`config` named after the preset it equals (apart from the name), else named `fallback`."""
-    for preset in PRESETS.values():
+    for preset in families.PRESETS.values():
         if preset.replace(name=fallback) == config.replace(name=fallback):
             return config.replace(name=preset.name)
     return config.replace(name=fallback)

@@ -1,6 +1,6 @@
 """Pure dict -> dict converters between the original single-file layout and the diffusers layout.
 
-Both directions read the same `keymaps` tables. Tensors are passed through without copying (renamed, or
+Both directions read the same key map tables, which each family declares (`sdlab.families`). Tensors are passed through without copying (renamed, or
 viewed with another shape); only joining q/k/v into OpenCLIP's fused matrix must allocate. Every key is
 accounted for: a key under a network's prefix that no table entry covers, or a table entry that no key
 fills, raises `CheckpointError` listing them.
@@ -9,62 +9,63 @@ fills, raises `CheckpointError` listing them.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping
 
 import torch
 
+from .. import families
 from ..config import ModelConfig
 from ..errors import CheckpointError
+from ..families.base import Component, KeyMap
+from ..families.ldm import block_index
 from .io import quoted_key
-from .keymaps import CLIP_ROOT, IGNORED_KEYS, IGNORED_PREFIXES, OPENCLIP_FUSED_QKV, OPENCLIP_ROOT, KeyMap, keymaps
 
 log = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
-COMPONENTS = ("unet", "vae", "text_encoder")
 TEXT_MODEL = "text_model."
-_BLOCK_NUMBER = re.compile(r"[0-9]{1,4}")  # SD's largest is 23 (OpenCLIP's resblocks)
+FUSED_QKV = ("q_proj", "k_proj", "v_proj")  # the order of the three blocks of a fused in_proj_weight
 MAX_PREFIX_PARTS = 32  # the longest table prefix has 7 dot-separated parts
 
 
 def ldm_to_diffusers(state_dict: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, StateDict]:
-    """Split an original single-file state dict into diffusers-named {"unet", "vae", "text_encoder"} dicts."""
-    state_dict = normalize_ldm_keys(state_dict)
-    maps = keymaps(config, openclip=any(k.startswith(OPENCLIP_ROOT) for k in state_dict))
+    """Split an original single-file state dict into diffusers-named state dicts, one per network of the
+    config's family ({"unet", "vae", "text_encoder"} for SD 1.x/2.x)."""
+    family = families.family_of(config)
+    state_dict = family.normalize_keys(state_dict)
+    maps = family.keymaps(config)
     out = {name: _component_to_diffusers(state_dict, km, name) for name, km in maps.items()}
     roots = tuple(km.root for km in maps.values())
     others = [k for k in state_dict if not k.startswith(roots)]
     if others:
-        log.info("ignored %d keys outside the three networks (EMA copies, schedule buffers...), e.g. %s",
+        log.info("ignored %d keys outside the networks (EMA copies, schedule buffers...), e.g. %s",
                  len(others), others[:3])
     return out
 
 
 def diffusers_to_ldm(components: Mapping[str, Mapping[str, torch.Tensor]], config: ModelConfig) -> StateDict:
-    """Join diffusers-named {"unet", "vae", "text_encoder"} dicts into one original-layout state dict."""
-    missing = [name for name in COMPONENTS if name not in components]
+    """Join diffusers-named state dicts, one per network of the config's family, into one original-layout
+    state dict."""
+    family = families.family_of(config)
+    maps = family.keymaps(config)
+    missing = [name for name in maps if name not in components]
     if missing:
-        raise CheckpointError(f"diffusers_to_ldm: missing components {missing}; give all of {list(COMPONENTS)}")
-    maps = keymaps(config)
+        raise CheckpointError(f"diffusers_to_ldm: missing components {missing}; give all of {list(maps)}")
     out: StateDict = {}
     for name, km in maps.items():
-        sd = normalize_text_encoder_keys(components[name]) if name == "text_encoder" else components[name]
-        out.update(_component_to_ldm(sd, km, name))
+        out.update(_component_to_ldm(normalize_component_keys(family.components[name], components[name]), km, name))
     return out
 
 
 # --- key normalisation ----------------------------------------------------------------------------------
 
 
-def normalize_ldm_keys(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
-    """Files made with old transformers versions store the SD 1.x text encoder without the `text_model.` level."""
-    out = {}
-    for key, value in state_dict.items():
-        if key.startswith(CLIP_ROOT) and not key.startswith(CLIP_ROOT + TEXT_MODEL):
-            key = CLIP_ROOT + TEXT_MODEL + key[len(CLIP_ROOT):]
-        out[key] = value
-    return out
+def normalize_component_keys(component: Component, state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """A network's diffusers-layout keys as sdlab names them: transformers models' keys normalised
+    (`normalize_text_encoder_keys`), diffusers models' kept."""
+    if component.library == "transformers":
+        return normalize_text_encoder_keys(state_dict)
+    return dict(state_dict)
 
 
 def normalize_text_encoder_keys(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
@@ -103,21 +104,12 @@ def _component_to_diffusers(state_dict: Mapping[str, torch.Tensor], km: KeyMap, 
 
 
 def _ignored(key: str, km: KeyMap) -> bool:
-    if key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES):
+    """Keys the key map declares unused: its `ignored` prefixes, and numbered blocks past `unused_blocks`
+    (OpenCLIP's last layer: SD 2 stops at the penultimate)."""
+    rest = key[len(km.root):]
+    if any(rest == p or rest.startswith(p + ".") for p in km.ignored):
         return True
-    # Resblocks past the ones the text encoder uses (OpenCLIP's last layer; SD 2 stops at the penultimate).
-    resblocks = OPENCLIP_ROOT + "transformer.resblocks."
-    return key.startswith(resblocks) and km.root == OPENCLIP_ROOT and block_index(key, resblocks) >= len(km.fused_qkv)
-
-
-def block_index(key: str, prefix: str) -> int:
-    """N in `prefix + "N.rest"`; a `CheckpointError` unless N is a small non-negative integer."""
-    part = key[len(prefix):].split(".", 1)[0]
-    if not _BLOCK_NUMBER.fullmatch(part):
-        raise CheckpointError(
-            f"unknown architecture: a key under {prefix!r} has a block number that is not a small integer"
-        )
-    return int(part)
+    return any(rest.startswith(prefix) and block_index(rest, prefix) >= used for prefix, used in km.unused_blocks)
 
 
 def _split_fused(key: str, value: torch.Tensor, fused: Mapping[str, str], out: StateDict) -> bool:
@@ -127,7 +119,7 @@ def _split_fused(key: str, value: torch.Tensor, fused: Mapping[str, str], out: S
         return False
     if value.ndim < 1 or value.shape[0] % 3:
         raise CheckpointError(f"{key}: a fused q/k/v tensor needs 3 x width rows, but has shape {tuple(value.shape)}")
-    for part, chunk in zip(OPENCLIP_FUSED_QKV, value.chunk(3, dim=0), strict=True):
+    for part, chunk in zip(FUSED_QKV, value.chunk(3, dim=0), strict=True):
         out[f"{fused[stem]}.{part}.{kind}"] = chunk
     return True
 
@@ -148,7 +140,7 @@ def _component_to_ldm(state_dict: Mapping[str, torch.Tensor], km: KeyMap, name: 
     for key, value in state_dict.items():
         module, _, part_kind = key.rpartition(".")  # e.g. "...self_attn.q_proj", "weight"
         attention, _, part = module.rpartition(".")
-        if attention in fused_modules and part in OPENCLIP_FUSED_QKV:
+        if attention in fused_modules and part in FUSED_QKV:
             qkv.setdefault(attention, {})[f"{part}.{part_kind}"] = value
             continue
         prefix = _longest_prefix(key, table)
@@ -173,7 +165,7 @@ def _join_fused(parts: Mapping[str, torch.Tensor], attention: str, stem: str, ou
     Returns the names of the parts that are missing."""
     missing = []
     for kind in ("weight", "bias"):
-        names = [f"{part}.{kind}" for part in OPENCLIP_FUSED_QKV]
+        names = [f"{part}.{kind}" for part in FUSED_QKV]
         absent = [f"{attention}.{n}" for n in names if n not in parts]
         if absent:
             missing += absent

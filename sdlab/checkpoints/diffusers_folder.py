@@ -24,25 +24,19 @@ from typing import Any
 
 import torch
 
+from .. import families
 from ..config import ModelConfig
 from ..errors import CheckpointError
+from ..families import Family
 from . import configs
 from .atomic import atomic_folder
-from .convert import normalize_text_encoder_keys
+from .convert import normalize_component_keys
 from .io import check_path, check_regular_file, read_checkpoint, read_small_file, write_safetensors
 
 log = logging.getLogger(__name__)
 
 MODEL_INDEX = "model_index.json"
-WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
-# What each component must be, as model_index.json names it: (library, class).
-EXPECTED_CLASSES = {
-    "unet": ("diffusers", ("UNet2DConditionModel",)),
-    "vae": ("diffusers", ("AutoencoderKL",)),
-    "text_encoder": ("transformers", ("CLIPTextModel", "CLIPTextModelWithProjection")),
-}
 GUIDANCE_KEY = "_sdlab_default_guidance"  # in model_index.json, written only when it is not 7
-PIPELINES = {"epsilon": "StableDiffusionPipeline", "inpaint": "StableDiffusionInpaintPipeline"}
 TOKENIZER_DATA = ("vocab.json", "merges.txt")
 MAX_JSON_BYTES = 16 * 2**20  # config.json files are ~1 KB, a shard index ~100 KB, CLIP's vocab.json ~1 MB
 MAX_TOKENIZER_FILE = 16 * 2**20  # CLIP's vocab.json and merges.txt are 1.0 and 0.5 MB
@@ -61,33 +55,37 @@ def is_diffusers_folder(path: Path) -> bool:
 def read_folder(
     folder: Path, *, variant: str | None = None
 ) -> tuple[ModelConfig, dict[str, dict[str, torch.Tensor]], Path | None]:
-    """(config, {"unet", "vae", "text_encoder"} state dicts, tokenizer folder or None) of a diffusers folder."""
+    """(config, a state dict per network of its family, tokenizer folder or None) of a diffusers folder."""
     tokenizer_dir = folder / "tokenizer" if os.path.lexists(folder / "tokenizer" / "vocab.json") else None
     if tokenizer_dir:
         _check_tokenizer_files(tokenizer_dir)
     config = read_folder_config(folder, tokenizer_dir)
-    weights = {name: read_component_weights(folder / name, WEIGHT_NAMES[name], variant) for name in WEIGHT_NAMES}
-    weights["text_encoder"] = normalize_text_encoder_keys(weights["text_encoder"])
+    weights = {}
+    for name, component in families.family_of(config).components.items():
+        tensors = read_component_weights(folder / name, component.weights_name, variant)
+        weights[name] = normalize_component_keys(component, tensors)
     return config, weights, tokenizer_dir
 
 
 def read_folder_config(folder: Path, tokenizer_dir: Path | None) -> ModelConfig:
     """The ModelConfig of a diffusers folder, from its model index and component configs (no weights read)."""
     index = _read_json(folder / MODEL_INDEX)
-    _check_model_index(index, folder / MODEL_INDEX)
+    text_file = folder / "text_encoder" / "config.json"
+    text_json = _read_json(text_file) if "text_encoder" in index else {}
+    family = families.detect_folder(index, {"text_encoder": text_json}, str(folder / MODEL_INDEX))
+    _check_model_index(index, family, folder / MODEL_INDEX)
     unet_cfg = _read_json(folder / "unet" / "config.json")
     unet = configs.unet_from_diffusers(unet_cfg, str(folder / "unet" / "config.json"))
     vae = configs.vae_from_diffusers(_read_json(folder / "vae" / "config.json"), str(folder / "vae" / "config.json"))
     pad = tokenizer_pad_token_id(tokenizer_dir) if tokenizer_dir else None
-    text = configs.text_encoder_from_transformers(
-        _read_json(folder / "text_encoder" / "config.json"), pad, str(folder / "text_encoder" / "config.json")
-    )
+    pad = family.default_pad_token_id if pad is None else pad
+    text = configs.text_encoder_from_transformers(text_json, pad, str(text_file))
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     scheduler = _read_json(scheduler_file) if os.path.lexists(scheduler_file) else {}
     schedule, prediction = configs.schedule_from_diffusers(scheduler, str(scheduler_file))
     config = configs.model_config(
         str(folder),
-        name=folder.name, text_encoder=text, unet=unet, vae=vae, schedule=schedule, prediction=prediction,
+        name=folder.name, family=family.name, text_encoder=text, unet=unet, vae=vae, schedule=schedule, prediction=prediction,
         default_size=configs.unet_sample_size(unet_cfg, str(folder / "unet" / "config.json")) * vae.downscale,
         default_guidance=_default_guidance(index, folder / MODEL_INDEX),
     )
@@ -193,16 +191,11 @@ def _check_tokenizer_files(tokenizer_dir: Path) -> None:
                 )
 
 
-def _check_model_index(index: Mapping[str, Any], where: Path) -> None:
-    if "text_encoder_2" in index or "unet" not in index:
-        kind = "an SDXL-style pipeline (it has a text_encoder_2)" if "text_encoder_2" in index else (
-            "a pipeline without a unet")
-        raise CheckpointError(
-            f"{where}: {kind} is not supported; sdlab reads Stable Diffusion 1.x/2.x folders "
-            f"(StableDiffusionPipeline / StableDiffusionInpaintPipeline) with unet, vae and text_encoder"
-        )
-    for name, (library, classes) in EXPECTED_CLASSES.items():
+def _check_model_index(index: Mapping[str, Any], family: Family, where: Path) -> None:
+    """Each of the family's components must be named as the (library, class) sdlab reads."""
+    for name, component in family.components.items():
         entry = index.get(name)
+        library, classes = component.library, component.classes
         if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == library and entry[1] in classes):
             raise CheckpointError(
                 f"{where}: component {name!r} is not one sdlab reads; expected [{library!r}, one of {list(classes)}]"
@@ -250,9 +243,9 @@ def write_folder(
         scheduler = configs.schedule_to_diffusers(config.schedule, config.prediction)
         _write_json(tmp / "scheduler" / "scheduler_config.json", scheduler)
         write_tokenizer(tmp / "tokenizer", config.text_encoder.pad_token_id, config.text_encoder.max_length)
-        for name, weights_name in WEIGHT_NAMES.items():
+        for name, component in families.family_of(config).components.items():
             tensors = cast(components[name], dtype)
-            write_safetensors(tmp / name / f"{weights_name}{suffix}.safetensors", tensors, {"format": "pt"})
+            write_safetensors(tmp / name / f"{component.weights_name}{suffix}.safetensors", tensors, {"format": "pt"})
     return folder
 
 
@@ -284,21 +277,19 @@ def cast(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict
 
 
 def _model_index(config: ModelConfig) -> dict[str, Any]:
-    pipeline = PIPELINES["inpaint"] if config.is_inpainting else PIPELINES["epsilon"]
+    family = families.family_of(config)
     scheduler = configs.schedule_to_diffusers(config.schedule, config.prediction)["_class_name"]
     own_guidance = config.default_guidance != ModelConfig.default_guidance
     guidance = {GUIDANCE_KEY: config.default_guidance} if own_guidance else {}
     return {
-        "_class_name": pipeline,
+        "_class_name": family.pipeline_class(config),
         "_diffusers_version": configs.DIFFUSERS_VERSION,
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
         "safety_checker": [None, None],
         "scheduler": ["diffusers", scheduler],
-        "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
+        **{name: [c.library, c.classes[0]] for name, c in family.components.items()},
         **guidance,
     }
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .. import families
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from . import configs
@@ -29,7 +30,7 @@ PREDICTION_KEY = "prediction_type"
 def read_single_file(
     path: Path, *, family: str | ModelConfig | None = None, prediction: str | None = None
 ) -> tuple[ModelConfig, dict[str, dict[str, torch.Tensor]]]:
-    """(config, {"unet", "vae", "text_encoder"} diffusers-named state dicts) of a single-file checkpoint."""
+    """(config, diffusers-named state dicts, one per network of its family) of a single-file checkpoint."""
     raw = read_checkpoint(path)
     try:
         config = single_file_config(raw, family=family, prediction=prediction)
@@ -45,10 +46,16 @@ def single_file_config(raw: RawCheckpoint, *, family=None, prediction: str | Non
     if family is not None:
         config = resolve_family(family)
     elif CONFIG_KEY in raw.metadata:
-        config = configs.config_from_json(raw.metadata[CONFIG_KEY], f"{raw.path} (metadata {CONFIG_KEY!r})")
+        config = configs.config_from_json(raw.metadata[CONFIG_KEY], f"{raw.path} (metadata {CONFIG_KEY!r})",
+                                          default_family=lambda: _family_from_keys(raw))
     else:
         return detect_family(raw.tensors, raw.metadata, prediction=prediction)
     return config.replace(prediction=prediction) if prediction else config
+
+
+def _family_from_keys(raw: RawCheckpoint) -> str:
+    """The family of an sdlab file whose stored config predates `ModelConfig.family`, from its keys."""
+    return families.detect_single_file(raw.tensors.keys(), str(raw.path)).name
 
 
 def write_single_file(
@@ -59,7 +66,7 @@ def write_single_file(
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write the three networks as one original-layout `.safetensors` file (atomically)."""
+    """Write the networks as one original-layout `.safetensors` file (atomically)."""
     tensors = cast(diffusers_to_ldm(components, config), dtype)
     metadata = {"format": "pt", PREDICTION_KEY: config.prediction, CONFIG_KEY: configs.config_to_json(config)}
     return write_safetensors(path, tensors, metadata, overwrite=overwrite)

@@ -1,0 +1,91 @@
+"""Model families, one module each, and the registry that tells which one a file is.
+
+    family = families.detect_single_file(state_dict, where="model.safetensors")   # exactly one, or an error
+    family = families.family_of(config)            # the family a ModelConfig belongs to (config.family)
+    family.keymaps(config), family.components, family.presets ...
+
+Detection asks every registered family whether a file is one of its own and must find exactly one:
+none is "unknown architecture" (with a hint where the file is of a family sdlab does not have yet), two
+or more name the candidates (so the families' rules can be made sharper, never first-match order).
+Adding a family is one module here plus one entry in `_REGISTERED`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from ..config import ModelConfig
+from ..errors import CheckpointError
+from . import sd1, sd2
+from .base import Component, Family, KeyMap
+from .ldm import UNET_ROOT
+from .sd1 import SD15, SD15_INPAINT, TINY
+from .sd2 import SD2_INPAINT, SD21, SD21_BASE
+
+__all__ = [
+    "Family", "KeyMap", "Component", "FAMILIES", "PRESETS", "family_of", "get_family", "detect_single_file",
+    "detect_folder", "SUPPORTED", "SD15", "SD15_INPAINT", "SD21_BASE", "SD21", "SD2_INPAINT", "TINY",
+]  # fmt: skip
+
+_REGISTERED: tuple[Family, ...] = (sd1.FAMILY, sd2.FAMILY)
+FAMILIES: dict[str, Family] = {f.name: f for f in _REGISTERED}
+PRESETS: dict[str, ModelConfig] = {c.name: c for f in _REGISTERED for c in f.presets}
+
+# Files of families sdlab does not have (yet): recognised only to say so. Single-file key prefixes and
+# model_index.json component names.
+NOT_SUPPORTED_KEYS = {
+    "conditioner.embedders.": "an SDXL-style model (its text encoders are under conditioner.embedders.)",
+    UNET_ROOT + "label_emb.": "a class- or size-conditioned UNet (SDXL, or the x4 upscaler)",
+}
+NOT_SUPPORTED_COMPONENTS = {"text_encoder_2": "an SDXL-style pipeline (it has a text_encoder_2)"}
+
+
+def supported() -> str:
+    """The families sdlab reads, for error messages."""
+    labels = ", ".join(f.label for f in _REGISTERED)
+    return (f"{labels}, and their 9-channel inpainting variants, in the original single-file layout "
+            f"(model.diffusion_model. / first_stage_model. / cond_stage_model.) or as a diffusers folder")
+
+
+SUPPORTED = supported()
+
+
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise CheckpointError(f"unknown model family {name!r}; sdlab has {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def family_of(config: ModelConfig) -> Family:
+    return get_family(config.family)
+
+
+def detect_single_file(keys: Collection[str], where: str = "the checkpoint") -> Family:
+    """The one family whose original-layout keys these are."""
+    for prefix, what in NOT_SUPPORTED_KEYS.items():
+        if any(k.startswith(prefix) for k in keys):
+            raise CheckpointError(f"{where}: unsupported architecture: this looks like {what}. "
+                                  f"sdlab supports {SUPPORTED}")
+    return _exactly_one([f for f in _REGISTERED if f.matches_keys(keys)], where, f"({len(keys)} keys)")
+
+
+def detect_folder(index: Mapping[str, Any], component_configs: Mapping[str, Mapping[str, Any]],
+                  where: str) -> Family:
+    """The one family of a diffusers folder, from its model_index.json and component configs."""
+    for name, what in NOT_SUPPORTED_COMPONENTS.items():
+        if name in index:
+            raise CheckpointError(f"{where}: {what} is not supported; sdlab reads {SUPPORTED}")
+    matches = [f for f in _REGISTERED if f.matches_folder(index, component_configs)]
+    return _exactly_one(matches, where, "(its model_index.json and component configs)")
+
+
+def _exactly_one(matches: list[Family], where: str, what: str) -> Family:
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise CheckpointError(f"{where}: unknown architecture: no model family matches {what}. "
+                              f"sdlab supports {SUPPORTED}")
+    names = ", ".join(f.name for f in matches)
+    raise CheckpointError(f"{where}: ambiguous architecture: it matches more than one model family ({names}); "
+                          f"pass family= (a preset name: {', '.join(PRESETS)})")

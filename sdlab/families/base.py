@@ -1,0 +1,91 @@
+"""What a model family is: the interface every `sdlab.families.<name>` module implements.
+
+A family is everything that differs between SD 1.x, SD 2.x, SDXL, ...: its presets, how its files are
+recognised (single-file keys and shapes; a diffusers `model_index.json` and component configs), how its
+weights are named in the original single-file layout (key maps, as data), and which networks it has.
+Code outside `sdlab/families/` asks the family (`sdlab.families.family_of(config)`) instead of testing
+which family a model is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..config import ModelConfig
+
+Pair = tuple[str, str]  # (original prefix, diffusers prefix)
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class KeyMap:
+    """How one network's weights are named in the original layout (`root` + pairs) and in diffusers.
+
+    A key is renamed by its longest listed prefix (ending on a `.` boundary); the rest of the key is kept.
+    Two things are not renamings and are listed separately: `fused_qkv` (one (3*width, width) `in_proj`
+    matrix in the original, q/k/v projections in diffusers) and `conv1x1` (diffusers Linear layers that the
+    original stores as (C, C, 1, 1) convolutions).
+    """
+
+    root: str  # the prefix of all of this network's keys in the original file
+    pairs: tuple[Pair, ...]
+    fused_qkv: tuple[Pair, ...] = ()  # (original `...attn.in_proj` stem, diffusers attention module)
+    conv1x1: frozenset[str] = frozenset()  # diffusers Linear modules stored as 1x1 convolutions
+    # Original keys (after `root`, whole keys or prefixes on a `.` boundary) that hold no weight sdlab uses.
+    ignored: tuple[str, ...] = ()
+    # (prefix after `root`, n): numbered blocks `prefix + "N."` with N >= n are unused (a text tower's last
+    # layers past the one the family conditions on).
+    unused_blocks: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class Component:
+    """One network of a family, as a diffusers folder stores it: `<name>/config.json` + weights."""
+
+    name: str  # the sub-folder and the attribute of `Model`: "unet", "vae", "text_encoder", "text_encoder_2"
+    library: str  # what model_index.json names: ("diffusers" | "transformers", class name)
+    classes: tuple[str, ...]  # the class names sdlab reads; the first is the one it writes
+    weights_name: str  # the weight file's stem: "diffusion_pytorch_model" or "model"
+
+
+class Family:
+    """A model family. Subclasses set the class attributes and implement the methods; one instance each."""
+
+    name: str  # short and stable: stored in ModelConfig.family ("sd1", "sd2")
+    label: str  # what users read in messages: "SD 1.x (OpenAI CLIP ViT-L/14 text encoder, ...)"
+    presets: tuple[ModelConfig, ...]
+    components: Mapping[str, Component]
+    pipelines: Mapping[str, str]  # diffusers pipeline class by kind: "txt2img", "inpaint"
+    default_pad_token_id: int  # the padding token when a folder's tokenizer names none
+
+    def matches_keys(self, keys: Collection[str]) -> bool:
+        """Whether an original-layout state dict with these keys is of this family."""
+        raise NotImplementedError
+
+    def matches_folder(self, index: Mapping[str, Any], component_configs: Mapping[str, Mapping[str, Any]]) -> bool:
+        """Whether a diffusers folder (its model_index.json, and config.json by component) is of this family."""
+        raise NotImplementedError
+
+    def normalize_keys(self, state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+        """Original-layout keys as the key maps name them (older tools wrote some differently)."""
+        return dict(state_dict)
+
+    def config_from_state_dict(
+        self, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str], prediction: str | None
+    ) -> ModelConfig:
+        """The ModelConfig of an original-layout state dict of this family, sizes read off its shapes."""
+        raise NotImplementedError
+
+    def keymaps(self, config: ModelConfig) -> dict[str, KeyMap]:
+        """The original-layout key map of each network, by component name."""
+        raise NotImplementedError
+
+    def pipeline_class(self, config: ModelConfig) -> str:
+        return self.pipelines["inpaint" if config.is_inpainting else "txt2img"]
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}>"

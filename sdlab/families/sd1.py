@@ -1,0 +1,118 @@
+"""SD 1.x: OpenAI CLIP ViT-L/14 text encoder (768-wide context), 8 attention heads at every UNet level.
+
+Single files keep transformers' CLIPTextModel names under `cond_stage_model.transformer.`; diffusers
+folders have a CLIPTextModel with QuickGELU activations. The built-in shapes model is of this family too
+(its own small sizes and zero-terminal-SNR schedule live in its folder's configs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from typing import Any
+
+import torch
+
+from ..config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from . import ldm
+from .base import Component, Family, KeyMap, StateDict
+
+CLIP_ROOT = "cond_stage_model.transformer."
+TEXT_MODEL = "text_model."
+CLIP_IGNORED = ("text_model.embeddings.position_ids",)  # a constant buffer (0..76) old transformers saved
+
+SD15 = ModelConfig(name="sd15")
+SD15_INPAINT = ModelConfig(name="sd15-inpaint", unet=UNetConfig(in_channels=9))
+# A model of SD's structure small enough for unit tests (runs in milliseconds on a CPU).
+TINY = ModelConfig(
+    name="tiny",
+    text_encoder=TextEncoderConfig(width=32, num_layers=3, num_heads=4, mlp_width=64),
+    unet=UNetConfig(
+        channels=(32, 64), attention_levels=(True, False), context_dim=32, num_heads=None, head_dim=8,
+        norm_groups=8,
+    ),
+    vae=VAEConfig(channels=(32, 64), layers_per_block=1, norm_groups=8),
+    default_size=64,
+)
+
+COMPONENTS = {
+    "unet": Component("unet", "diffusers", ("UNet2DConditionModel",), "diffusion_pytorch_model"),
+    "vae": Component("vae", "diffusers", ("AutoencoderKL",), "diffusion_pytorch_model"),
+    "text_encoder": Component("text_encoder", "transformers", ("CLIPTextModel", "CLIPTextModelWithProjection"),
+                              "model"),
+}
+PIPELINES = {"txt2img": "StableDiffusionPipeline", "inpaint": "StableDiffusionInpaintPipeline"}
+
+
+class SD1(Family):
+    name = "sd1"
+    label = "SD 1.x (OpenAI CLIP ViT-L/14 text encoder, 768-wide context)"
+    presets = (SD15, SD15_INPAINT, TINY)
+    components = COMPONENTS
+    pipelines = PIPELINES
+    default_pad_token_id = 49407  # <|endoftext|>
+
+    def matches_keys(self, keys: Collection[str]) -> bool:
+        return ldm.has_unet_and_vae(keys) and any(k.startswith(CLIP_ROOT) for k in keys)
+
+    def matches_folder(self, index: Mapping[str, Any], component_configs: Mapping[str, Mapping[str, Any]]) -> bool:
+        text = component_configs.get("text_encoder", {})
+        return is_sd_pipeline(index) and text.get("hidden_act", "quick_gelu") == "quick_gelu"
+
+    def normalize_keys(self, state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+        """Files made with old transformers versions store the text encoder without the `text_model.` level."""
+        out = {}
+        for key, value in state_dict.items():
+            if key.startswith(CLIP_ROOT) and not key.startswith(CLIP_ROOT + TEXT_MODEL):
+                key = CLIP_ROOT + TEXT_MODEL + key[len(CLIP_ROOT):]
+            out[key] = value
+        return out
+
+    def config_from_state_dict(self, state_dict, metadata, prediction) -> ModelConfig:
+        sd = self.normalize_keys(state_dict)
+        return SD15.replace(
+            text_encoder=_clip_config(sd),
+            unet=ldm.unet_config(sd, num_heads=8, head_dim=None),
+            vae=ldm.vae_config(sd),
+            prediction=prediction or ldm.stated_prediction(sd, metadata) or "epsilon",
+        )
+
+    def keymaps(self, config: ModelConfig) -> dict[str, KeyMap]:
+        return {
+            "unet": ldm.unet_keymap(config.unet),
+            "vae": ldm.vae_keymap(config.vae),
+            "text_encoder": clip_keymap(config.text_encoder),
+        }
+
+
+def is_sd_pipeline(index: Mapping[str, Any]) -> bool:
+    """A StableDiffusion(Inpaint)Pipeline-shaped model index: unet, vae and one text encoder (SD 1.x and 2.x)."""
+    return "unet" in index and "text_encoder" in index and "text_encoder_2" not in index
+
+
+def clip_keymap(cfg: TextEncoderConfig) -> KeyMap:
+    """SD 1.x keeps transformers' CLIPTextModel names under `cond_stage_model.transformer.`."""
+    pairs = [
+        ("text_model.embeddings.token_embedding", "text_model.embeddings.token_embedding"),
+        ("text_model.embeddings.position_embedding", "text_model.embeddings.position_embedding"),
+        *[(f"text_model.encoder.layers.{i}", f"text_model.encoder.layers.{i}") for i in range(cfg.num_layers)],
+        ("text_model.final_layer_norm", "text_model.final_layer_norm"),
+    ]
+    return KeyMap(CLIP_ROOT, tuple(pairs), ignored=CLIP_IGNORED)
+
+
+def _clip_config(sd: Mapping[str, torch.Tensor]) -> TextEncoderConfig:
+    p = CLIP_ROOT + "text_model."
+    vocab, width = ldm.get(sd, p + "embeddings.token_embedding.weight", 2).shape
+    return TextEncoderConfig(
+        vocab_size=vocab,
+        max_length=ldm.get(sd, p + "embeddings.position_embedding.weight", 2).shape[0],
+        width=width,
+        num_layers=ldm.count_indices(sd, p + "encoder.layers."),
+        num_heads=width // 64,  # CLIP's text towers use 64-channel heads
+        mlp_width=ldm.get(sd, p + "encoder.layers.0.mlp.fc1.weight", 2).shape[0],
+        activation="quick_gelu",
+        pad_token_id=49407,
+    )
+
+
+FAMILY = SD1()
