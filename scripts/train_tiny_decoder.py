@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sdlab.families import latent_format
 from sdlab.model import Model
 from sdlab.nn.tiny_vae import TinyDecoder, TinyDecoderConfig, save_tiny_decoder
 from sdlab.shapes import ShapesDataset
@@ -30,7 +31,7 @@ log = logging.getLogger("train_tiny_decoder")
 def batches(model: Model, batch_size: int, seed: int):
     """Endless (UNet-space latents (B, 4, h, w), full decoder's images (B, 3, H, W)) from shapes scenes."""
     data = ShapesDataset(seed=seed, size=model.config.default_size)
-    cfg = model.config.vae
+    latents = latent_format(model.config)
     index = 0
     while True:
         images = np.stack([data[i][0] for i in range(index, index + batch_size)])  # (B, H, W, 3) uint8
@@ -39,7 +40,7 @@ def batches(model: Model, batch_size: int, seed: int):
         with torch.no_grad():  # (yield outside the block: a suspended no_grad would leak into the caller)
             mean, _ = model.vae.encode(pixels)
             target = model.vae.decode(mean).clamp(-1, 1)
-        yield (mean - cfg.shift_factor) * cfg.scaling_factor, target
+        yield latents.to_diffusion(mean), target
 
 
 def main() -> None:

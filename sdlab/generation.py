@@ -36,6 +36,7 @@ from .diffusion.registry import SamplerSpec, get_sampler, with_options
 from .diffusion.samplers import SamplingInterrupted
 from .diffusion.schedules import NoiseSchedule, ve_to_vp
 from .errors import ParameterError, SdlabError
+from .families import latent_format
 from .images import to_mask, to_pil, to_pixels
 from .interrupts import abort_between_blocks
 from .lora import LoRASource, apply_lora
@@ -178,7 +179,7 @@ def _contexts(model, prompts, negatives, params):
 def _start(model, params, denoiser, cond, uncond, spec, sigmas, start, generator):
     """The initial x (B, 4, h, w) at sigmas[start] and the denoiser the loop calls."""
     f = model.config.vae.downscale
-    shape = (len(cond), model.config.vae.latent_channels, params.height // f, params.width // f)
+    shape = (len(cond), latent_format(model.config).channels, params.height // f, params.width // f)
     if params.mode == "txt2img":
         x = rng.randn(shape, generator, device=model.device, dtype=model.dtype) * _initial_scale(model, spec, sigmas)
         return x, GuidedDenoiser(denoiser, cond, uncond, params.cfg_scale, rescale=params.guidance_rescale)
@@ -224,18 +225,16 @@ def encode_image(model, pixels: torch.Tensor, batch: int, generator: rng.Generat
     if isinstance(generator, (list, tuple)):
         mean, logvar = mean.expand(batch, -1, -1, -1), logvar.expand(batch, -1, -1, -1)
     z = mean + (0.5 * logvar).exp() * rng.randn_like(mean, generator)
-    cfg = model.config.vae
-    return (cfg.scaling_factor * (z - cfg.shift_factor)).expand(batch, -1, -1, -1)
+    return latent_format(model.config).to_diffusion(z).expand(batch, -1, -1, -1)
 
 
 @torch.no_grad()
 def decode_latents(model, latents: torch.Tensor) -> list:
     """Scaled latents (B, 4, h, w) -> B PIL images."""
-    cfg = model.config.vae
     if model.tiny_decoder is not None:  # TAESD decodes the UNet's latents as they are
         pixels = model.tiny_decoder(latents.to(next(model.tiny_decoder.parameters()).dtype))
     else:
-        pixels = model.vae.decode(latents.to(model.dtype) / cfg.scaling_factor + cfg.shift_factor)
+        pixels = model.vae.decode(latent_format(model.config).from_diffusion(latents.to(model.dtype)))
     _check_finite(pixels, "the VAE decoder's output")
     return to_pil(pixels)
 

@@ -1,9 +1,11 @@
 """The model-family registry (sdlab.families): each family owns its presets, detection and key maps, and
 detection must find exactly one family."""
 
+import dataclasses
 import json
 
 import pytest
+import torch
 from safetensors.torch import save_file
 from test_checkpoints_support import TINY_SD1, TINY_SD2, reference_state_dicts
 
@@ -54,3 +56,12 @@ def test_sdlab_file_written_before_configs_named_their_family_loads_by_its_keys(
     old = tmp_path / "old.safetensors"
     save_file(raw.tensors, str(old), metadata={**raw.metadata, CONFIG_KEY: json.dumps(stored)})
     assert load_checkpoint(old).config == TINY_SD2
+
+
+def test_latent_format_is_the_vaes_scale_and_shift_both_ways():
+    vae = dataclasses.replace(SD15.vae, scaling_factor=1.5305, shift_factor=0.0609)
+    latents = families.latent_format(SD15.replace(vae=vae))
+    assert (latents.channels, latents.scale, latents.shift) == (4, 1.5305, 0.0609)
+    z = torch.randn(2, 4, 3, 3)
+    assert torch.equal(latents.to_diffusion(z), 1.5305 * (z - 0.0609))
+    assert torch.allclose(latents.from_diffusion(latents.to_diffusion(z)), z, atol=1e-6)

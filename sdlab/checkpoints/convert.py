@@ -1,7 +1,7 @@
 """Pure dict -> dict converters between the original single-file layout and the diffusers layout.
 
-Both directions read the same key map tables, which each family declares (`sdlab.families`). Tensors are passed through without copying (renamed, or
-viewed with another shape); only joining q/k/v into OpenCLIP's fused matrix must allocate. Every key is
+Both directions read the same key map tables, which each family declares (`sdlab.families`). Tensors are
+passed through without copying (renamed, or viewed with another shape); only joining q/k/v into OpenCLIP's fused matrix must allocate. Every key is
 accounted for: a key under a network's prefix that no table entry covers, or a table entry that no key
 fills, raises `CheckpointError` listing them.
 """

@@ -85,7 +85,8 @@ def read_folder_config(folder: Path, tokenizer_dir: Path | None) -> ModelConfig:
     schedule, prediction = configs.schedule_from_diffusers(scheduler, str(scheduler_file))
     config = configs.model_config(
         str(folder),
-        name=folder.name, family=family.name, text_encoder=text, unet=unet, vae=vae, schedule=schedule, prediction=prediction,
+        name=folder.name, family=family.name, text_encoder=text, unet=unet, vae=vae, schedule=schedule,
+        prediction=prediction,
         default_size=configs.unet_sample_size(unet_cfg, str(folder / "unet" / "config.json")) * vae.downscale,
         default_guidance=_default_guidance(index, folder / MODEL_INDEX),
     )

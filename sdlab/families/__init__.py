@@ -2,6 +2,7 @@
 
     family = families.detect_single_file(state_dict, where="model.safetensors")   # exactly one, or an error
     family = families.family_of(config)            # the family a ModelConfig belongs to (config.family)
+    latents = families.latent_format(config)       # scale/shift/channels: latents.to_diffusion(z) ...
     family.keymaps(config), family.components, family.presets ...
 
 Detection asks every registered family whether a file is one of its own and must find exactly one:
@@ -18,13 +19,14 @@ from typing import Any
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from . import sd1, sd2
-from .base import Component, Family, KeyMap
+from .base import Component, Family, KeyMap, LatentFormat
 from .ldm import UNET_ROOT
 from .sd1 import SD15, SD15_INPAINT, TINY
 from .sd2 import SD2_INPAINT, SD21, SD21_BASE
 
 __all__ = [
-    "Family", "KeyMap", "Component", "FAMILIES", "PRESETS", "family_of", "get_family", "detect_single_file",
+    "Family", "KeyMap", "Component", "LatentFormat", "latent_format", "FAMILIES", "PRESETS", "family_of",
+    "get_family", "detect_single_file",
     "detect_folder", "SUPPORTED", "SD15", "SD15_INPAINT", "SD21_BASE", "SD21", "SD2_INPAINT", "TINY",
 ]  # fmt: skip
 
@@ -59,6 +61,11 @@ def get_family(name: str) -> Family:
 
 def family_of(config: ModelConfig) -> Family:
     return get_family(config.family)
+
+
+def latent_format(config: ModelConfig) -> LatentFormat:
+    """How `config`'s VAE latents map to diffusion latents and back (`to_diffusion` / `from_diffusion`)."""
+    return family_of(config).latent_format(config)
 
 
 def detect_single_file(keys: Collection[str], where: str = "the checkpoint") -> Family:

@@ -52,6 +52,27 @@ class Component:
     weights_name: str  # the weight file's stem: "diffusion_pytorch_model" or "model"
 
 
+@dataclass(frozen=True)
+class LatentFormat:
+    """How the VAE's latents z relate to the latents diffusion works on: x = scale * (z - shift).
+
+    The scale (and shift) were chosen at training time to give diffusion roughly unit-variance latents:
+    SD 1.x/2.x 0.18215, SDXL 0.13025, SD3 1.5305 with shift 0.0609.
+    """
+
+    channels: int  # latent channels: 4 for SD 1.x/2.x/SDXL, 16 for SD3/Flux
+    scale: float
+    shift: float = 0.0
+
+    def to_diffusion(self, z: torch.Tensor) -> torch.Tensor:
+        """VAE latents (B, C, h, w) -> the latents the UNet sees."""
+        return self.scale * (z - self.shift)
+
+    def from_diffusion(self, x: torch.Tensor) -> torch.Tensor:
+        """The UNet's latents (B, C, h, w) -> VAE latents, for the VAE decoder."""
+        return x / self.scale + self.shift
+
+
 class Family:
     """A model family. Subclasses set the class attributes and implement the methods; one instance each."""
 
@@ -83,6 +104,11 @@ class Family:
     def keymaps(self, config: ModelConfig) -> dict[str, KeyMap]:
         """The original-layout key map of each network, by component name."""
         raise NotImplementedError
+
+    def latent_format(self, config: ModelConfig) -> LatentFormat:
+        """The latent format of `config`: its VAE's channels and the scale/shift its config.json states."""
+        vae = config.vae
+        return LatentFormat(vae.latent_channels, vae.scaling_factor, vae.shift_factor)
 
     def pipeline_class(self, config: ModelConfig) -> str:
         return self.pipelines["inpaint" if config.is_inpainting else "txt2img"]

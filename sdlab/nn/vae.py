@@ -4,8 +4,8 @@ with Latent Diffusion Models", sec. 3.1; the VAE of Kingma & Welling 2014).
     image (B, 3, H, W) in [-1, 1] --encoder--> quant_conv --> mean, logvar (B, C_lat, H/f, W/f)
     latent z (B, C_lat, h, w) --post_quant_conv--> decoder --> image (B, 3, h*f, w*f)
 
-Latents here are UNSCALED: the caller applies `scaling_factor` and `shift_factor`. The `state_dict()` keys
-and shapes equal diffusers' `AutoencoderKL` for the same configuration.
+Latents here are UNSCALED: the caller applies the latent format (`sdlab.families.LatentFormat`). The
+`state_dict()` keys and shapes equal diffusers' `AutoencoderKL` for the same configuration.
 """
 
 from __future__ import annotations

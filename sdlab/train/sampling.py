@@ -13,6 +13,7 @@ from PIL import Image
 from ..diffusion.denoisers import GuidedDenoiser, ModelDenoiser
 from ..diffusion.registry import get_sampler
 from ..diffusion.schedules import NoiseSchedule
+from ..families import latent_format
 
 
 @torch.no_grad()
@@ -27,10 +28,11 @@ def sample_images(model, prompts: list[str], *, size: int, steps: int, guidance:
     vae = model.config.vae
     side = size // vae.downscale
     generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn((n, vae.latent_channels, side, side), generator=generator)
+    latents = latent_format(model.config)
+    noise = torch.randn((n, latents.channels, side, side), generator=generator)
     x = (noise * spec.initial_noise_scale(sigmas)).to(device, model.dtype)
     x = spec.sample(denoiser, x, sigmas.to(device), generator=generator)  # (n, C, side, side), scaled latents
-    pixels = model.vae.decode(x / vae.scaling_factor + vae.shift_factor)  # (n, 3, size, size) in [-1, 1]
+    pixels = model.vae.decode(latents.from_diffusion(x))  # (n, 3, size, size) in [-1, 1]
     return [_to_pil(p) for p in pixels]
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..diffusion.schedules import NoiseSchedule
+from ..families import latent_format
 from ..lora import LoRANetwork, inject_lora
 from ..model import Model
 from .config import TrainConfig
@@ -55,7 +56,7 @@ class DiffusionTask:
 
     def latent_shape(self, pixel_shape) -> tuple[int, int, int]:
         f = self.model.config.vae.downscale
-        return (self.model.config.vae.latent_channels, pixel_shape[-2] // f, pixel_shape[-1] // f)
+        return (latent_format(self.model.config).channels, pixel_shape[-2] // f, pixel_shape[-1] // f)
 
     def draw(self, generator: torch.Generator, batch: int, pixel_shape):
         return draw_noise(generator, batch, self.latent_shape(pixel_shape), self.schedule.num_timesteps,
@@ -70,15 +71,14 @@ class DiffusionTask:
 
     @torch.no_grad()
     def _latents(self, batch: dict, posterior: torch.Tensor) -> torch.Tensor:
-        """Scaled x_0 latents (B, C, h, w): z ~ q(z | x) from the posterior, then scaling_factor * (z - shift)."""
+        """Scaled x_0 latents (B, C, h, w): z ~ q(z | x) from the posterior, then the latent format's scaling."""
         if self.cache is not None:
             mean, logvar = (t.to(posterior.device) for t in self.cache.get(batch["index"]))
         else:
             vae = self.model.vae
             mean, logvar = vae.encode(batch["pixels"].to(posterior.device, next(vae.parameters()).dtype))
         z = mean.float() + torch.exp(0.5 * logvar.float()) * posterior
-        vae_cfg = self.model.config.vae
-        return (vae_cfg.scaling_factor * (z - vae_cfg.shift_factor)).to(self.model.dtype)
+        return latent_format(self.model.config).to_diffusion(z).to(self.model.dtype)
 
     def evaluate(self) -> dict[str, float]:
         return {}
