@@ -95,11 +95,11 @@ class JobLimits:
         low = max(step, high // 2 // step * step)
         unet = cost_model(config).unet
         (f1, t1), (f2, t2) = ((2 * unet.flops(s * s), _time_unet_pass(model, s)) for s in (low, high))
-        if f2 > f1 and t2 > t1:
-            self.flops_per_second = (f2 - f1) / (t2 - t1)
-            self.seconds_per_evaluation = max(0.0, t1 - f1 / self.flops_per_second) / 2
-        else:  # too fast to tell apart (or noise): all of it as FLOP/s
-            self.flops_per_second, self.seconds_per_evaluation = f2 / max(t2, 1e-6), 0.0
+        # t = overhead + f / rate through both points; the rate is at least the larger pass's average (no
+        # negative overhead), which is also what a timing disturbed by other work on the machine falls back to.
+        average = f2 / max(t2, 1e-6)
+        self.flops_per_second = max(average, (f2 - f1) / (t2 - t1)) if f2 > f1 and t2 > t1 else average
+        self.seconds_per_evaluation = max(0.0, t1 - f1 / self.flops_per_second) / 2
         self._speeds[config] = (self.flops_per_second, self.seconds_per_evaluation)
         log.info("this machine runs %s/s on %s, plus %.1f ms per UNet evaluation", describe_flops(
             self.flops_per_second), config.name, 1000 * self.seconds_per_evaluation)
@@ -113,14 +113,18 @@ class JobLimits:
             self.correction = 0.5 * self.correction + 0.5 * ratio
 
 
-def _time_unet_pass(model, side: int) -> float:
-    """Seconds of one UNet pass on (2, C, side, side) latents, the second of two (the first packs weights)."""
+def _time_unet_pass(model, side: int, repeats: int = 3) -> float:
+    """Seconds of one UNet pass on (2, C, side, side) latents: the fastest of `repeats` after a first call
+    (which packs weights and allocates), as the least disturbed by other work on the machine."""
     config = model.config
     x = torch.zeros(2, config.unet.in_channels, side, side, device=model.device, dtype=model.dtype)
     context = torch.zeros(2, 77, config.unet.context_dim, device=model.device, dtype=model.dtype)
     t = torch.full((2,), 500.0, device=model.device)
+    best = float("inf")
     with torch.no_grad():
         model.unet(x, t, context)
-        start = time.perf_counter()
-        model.unet(x, t, context)
-        return time.perf_counter() - start
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model.unet(x, t, context)
+            best = min(best, time.perf_counter() - start)
+    return best
