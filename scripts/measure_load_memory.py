@@ -34,7 +34,7 @@ base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 ckpt = ck.load_checkpoint(sys.argv[1])
 after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 nbytes = 0
-for sd in (ckpt.unet, ckpt.vae, ckpt.text_encoder):
+for sd in ckpt.weights.values():
     for t in sd.values():
         t.sum()  # read every page
         nbytes += t.numel() * t.element_size()
@@ -66,7 +66,7 @@ def write_checkpoints(folder: Path, layouts: list[str]) -> dict[str, Path]:
     from sdlab.config import SD15
 
     weights = random_sd15_weights()
-    args = (SD15, weights["unet"], weights["vae"], weights["text_encoder"])
+    args = (SD15, weights)
     paths = {}
     if "diffusers" in layouts:
         paths["diffusers"] = save_diffusers(folder / "sd15-diffusers", *args)

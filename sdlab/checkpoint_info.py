@@ -16,8 +16,6 @@ from .checkpoints import load_checkpoint
 from .fingerprint import checkpoint_sha256, hashed_files, short_hash
 from .model import check_checkpoint
 
-COMPONENTS = ("unet", "vae", "text_encoder")
-
 
 def describe_checkpoint(path: str | os.PathLike, *, hash_files: bool = True) -> dict:
     """A JSON-ready summary: layout, family, prediction, sizes, dtypes, parameter counts, hash."""
@@ -25,7 +23,7 @@ def describe_checkpoint(path: str | os.PathLike, *, hash_files: bool = True) -> 
     ckpt = load_checkpoint(path)
     check_checkpoint(ckpt)
     config = ckpt.config
-    weights = {name: getattr(ckpt, name) for name in COMPONENTS}
+    weights = ckpt.weights  # a state dict per component of the family
     info = {
         "path": str(path),
         "layout": "diffusers" if path.is_dir() else "single-file",
@@ -77,8 +75,7 @@ def format_info(info: dict) -> str:
         (f"vae:         channels {info['vae']['channels']}, downscale {info['vae']['downscale']}, "
          f"scaling {info['vae']['scaling_factor']}"),
         "dtypes:      " + "; ".join(f"{k} {_fmt_counts(v)}" for k, v in info["dtypes"].items()),
-        (f"parameters:  unet {p['unet']:,}, vae {p['vae']:,}, text_encoder {p['text_encoder']:,}, "
-         f"total {p['total']:,}"),
+        "parameters:  " + ", ".join(f"{name} {count:,}" for name, count in p.items()),  # the last is the total
     ]
     if "sha256" in info:
         lines.append(f"sha256:      {info['sha256']} (short hash {info['hash']})")

@@ -429,8 +429,7 @@ def cmd_convert(args) -> int:
     check_checkpoint(ckpt)  # weights that `load` would refuse are refused before anything is written
     save = save_single_file if layout == "single-file" else save_diffusers
     dtype = DTYPES[args.dtype] if args.dtype else None
-    path = save(args.dest, ckpt.config, ckpt.unet, ckpt.vae, ckpt.text_encoder, dtype=dtype,
-                overwrite=args.overwrite)
+    path = save(args.dest, ckpt.config, ckpt.weights, dtype=dtype, overwrite=args.overwrite)
     print(f"{path} ({layout}, {ckpt.config.name}{', ' + args.dtype if args.dtype else ''})")
     return 0
 

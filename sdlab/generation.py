@@ -118,7 +118,7 @@ def _named_lora(name: str, named_loras: Mapping[str, LoRASource] | None) -> LoRA
 def sample_batch(model, prompts: list[str], negatives: list[str], params: GenerationParams,
                  generator: rng.Generator, *, callback=None, interrupt=None, abort=None) -> GenerationResult:
     """The loop behind `generate`, for one batch of (prompt, negative prompt) pairs; `params` resolved."""
-    with abort_between_blocks((model.text_encoder, model.unet, model.vae, model.tiny_decoder), abort):
+    with abort_between_blocks((*model.components.values(), model.tiny_decoder), abort):
         return _sample_batch(model, prompts, negatives, params, generator, callback, interrupt)
 
 

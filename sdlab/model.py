@@ -1,4 +1,7 @@
-"""A Stable Diffusion model: the three networks, the tokenizer and the config that ties them together.
+"""A Stable Diffusion model: its networks by name, the tokenizer and the config that ties them together.
+
+Which networks a model has is its family's choice (`sdlab.families`: unet, vae and text_encoder for SD
+1.x/2.x; SDXL adds text_encoder_2); they sit in `model.components` and read as attributes (`model.unet`).
 
 `Model.load(path)` reads a diffusers folder or a single `.safetensors`/`.ckpt` file; `Model.build(config)`
 makes one with random weights; `model.save(path, layout=...)` writes either layout. Loading builds the
@@ -15,40 +18,50 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoints
+from . import checkpoints, families
 from .checkpoints.io import quoted_key
 from .config import PRESETS, ModelConfig
 from .errors import CheckpointError, ParameterError
-from .nn.clip import TextEncoder
-from .nn.unet import UNet
-from .nn.vae import VAE
 from .perf import convert_dtype
 from .tokenizer import CLIPTokenizer
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = ("unet", "vae", "text_encoder")
-
 
 @dataclass
 class Model:
-    """The networks of one Stable Diffusion checkpoint. Plain container: no sampling logic lives here."""
+    """The networks of one Stable Diffusion checkpoint. Plain container: no sampling logic lives here.
+
+    `components` holds the networks by the names the family declares; `model.unet`, `model.vae`,
+    `model.text_encoder` (and any other component) read and replace them as attributes.
+    """
 
     config: ModelConfig
     tokenizer: CLIPTokenizer
-    text_encoder: TextEncoder
-    unet: UNet
-    vae: VAE
+    components: dict[str, nn.Module]
     source: Path | None = None  # the file or folder it was loaded from
     # Opt-in: decode with a tiny VAE decoder (TAESD, `sdlab.nn.tiny_vae.load_tiny_decoder`) instead of `vae`.
     tiny_decoder: nn.Module | None = None
+
+    def __getattr__(self, name: str) -> nn.Module:
+        components = self.__dict__.get("components", {})
+        if name in components:
+            return components[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute or component {name!r}")
+
+    def __setattr__(self, name: str, value) -> None:
+        components = self.__dict__.get("components", {})
+        if name in components:  # e.g. perf's compiled UNet replacing model.unet
+            components[name] = value
+        else:
+            super().__setattr__(name, value)
 
     @classmethod
     def build(cls, config: ModelConfig, *, device="cpu", dtype=torch.float32) -> Model:
         """A model with freshly initialised (random) weights."""
         with torch.device(device):
             nets = _networks(config)
-        model = cls(config, _default_tokenizer(config), **nets)
+        model = cls(config, _default_tokenizer(config), nets)
         return model.to(dtype=dtype)
 
     @classmethod
@@ -71,12 +84,12 @@ class Model:
         ckpt = checkpoints.load_checkpoint(path, family=family, prediction=prediction, variant=variant)
         nets = _meta_networks(ckpt)
         check_weights_fit(nets, ckpt)
-        for name in COMPONENTS:
-            _assign(nets[name], getattr(ckpt, name), dtype, device, where=f"{ckpt.source} ({name})")
+        for name, net in nets.items():
+            _assign(net, ckpt.weights[name], dtype, device, where=f"{ckpt.source} ({name})")
         tokenizer = (
             CLIPTokenizer.from_folder(ckpt.tokenizer_dir) if ckpt.tokenizer_dir else _default_tokenizer(ckpt.config)
         )
-        return cls(ckpt.config, tokenizer, **nets, source=Path(ckpt.source))
+        return cls(ckpt.config, tokenizer, nets, source=Path(ckpt.source))
 
     @classmethod
     def from_name(cls, name: str | Path | None = None, **load_options) -> Model:
@@ -99,18 +112,16 @@ class Model:
         """Write the model as a diffusers folder (`layout="diffusers"`) or one `.safetensors` file
         (`layout="single-file"`), optionally converting to `dtype` (e.g. torch.float16). Atomic, and refuses
         to replace an existing path unless `overwrite=True`."""
-        state = {name: getattr(self, name).state_dict() for name in COMPONENTS}
+        weights = {name: net.state_dict() for name, net in self.components.items()}
         if layout == "diffusers":
-            return checkpoints.save_diffusers(path, self.config, state["unet"], state["vae"],
-                                              state["text_encoder"], dtype=dtype, overwrite=overwrite)
+            return checkpoints.save_diffusers(path, self.config, weights, dtype=dtype, overwrite=overwrite)
         if layout == "single-file":
-            return checkpoints.save_single_file(path, self.config, state["unet"], state["vae"],
-                                                state["text_encoder"], dtype=dtype, overwrite=overwrite)
+            return checkpoints.save_single_file(path, self.config, weights, dtype=dtype, overwrite=overwrite)
         raise ValueError(f"unknown layout {layout!r}: use 'diffusers' or 'single-file'")
 
     def to(self, device=None, dtype=None) -> Model:
-        for name in COMPONENTS:
-            getattr(self, name).to(device=device, dtype=dtype)
+        for net in self.components.values():
+            net.to(device=device, dtype=dtype)
         if self.tiny_decoder is not None:
             self.tiny_decoder.to(device=device, dtype=dtype)
         return self
@@ -135,11 +146,8 @@ def builtin_model_path() -> Path:
 
 
 def _networks(config: ModelConfig) -> dict[str, nn.Module]:
-    nets = {
-        "text_encoder": TextEncoder(config.text_encoder),
-        "unet": UNet(config.unet),
-        "vae": VAE(config.vae),
-    }
+    """The family's networks for `config`, in its declared order (random weights depend on it), frozen."""
+    nets = {name: c.build(config) for name, c in families.family_of(config).components.items()}
     for net in nets.values():
         net.eval().requires_grad_(False)
     return nets
@@ -153,8 +161,11 @@ def check_checkpoint(ckpt: checkpoints.LoadedCheckpoint) -> None:
 
 
 def check_weights_fit(nets: dict[str, nn.Module], ckpt: checkpoints.LoadedCheckpoint) -> None:
-    for name in COMPONENTS:
-        _check_fit(nets[name], getattr(ckpt, name), where=f"{ckpt.source} ({name})")
+    missing = sorted(set(nets) - set(ckpt.weights))
+    if missing:
+        raise CheckpointError(f"{ckpt.source}: no weights for the components {missing}")
+    for name, net in nets.items():
+        _check_fit(net, ckpt.weights[name], where=f"{ckpt.source} ({name})")
 
 
 def _meta_networks(ckpt: checkpoints.LoadedCheckpoint) -> dict[str, nn.Module]:

@@ -39,7 +39,6 @@ from .nn.layers import Attention
 
 log = logging.getLogger(__name__)
 
-_NETWORKS = ("text_encoder", "unet", "vae")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _PACKABLE = (torch.float32, torch.bfloat16)  # what oneDNN computes on any AVX-512 CPU
 
@@ -56,8 +55,8 @@ def optimize(model, dtype: torch.dtype | None = None, *, channels_last: bool = T
     if dtype is not None:
         if dtype not in _DTYPES:
             raise ParameterError(f"optimize: dtype must be one of {_DTYPES}, got {dtype}")
-        for name in _NETWORKS:
-            convert_dtype(getattr(model, name), dtype)
+        for net in model.components.values():
+            convert_dtype(net, dtype)
     on_cpu = model.device.type == "cpu"
     packing = prepack_weights and on_cpu and model.dtype in _PACKABLE and torch.backends.mkldnn.is_available()
     for net in (model.unet, model.vae):

@@ -22,7 +22,7 @@ COMPONENTS = ("unet", "vae", "text_encoder")
 
 
 def _save_folder(path, config, states, **kwargs):
-    return save_diffusers(path, config, states["unet"], states["vae"], states["text_encoder"], **kwargs)
+    return save_diffusers(path, config, states, **kwargs)
 
 
 def _assert_weights(ckpt, states):
@@ -114,7 +114,7 @@ def test_unsupported_pipeline_folder(tmp_path):
 def test_single_file_round_trip(tmp_path, config):
     states = reference_state_dicts(config)
     path = save_single_file(
-        tmp_path / "model.safetensors", config, states["unet"], states["vae"], states["text_encoder"]
+        tmp_path / "model.safetensors", config, states
     )
     ckpt = load_checkpoint(path)
     assert ckpt.config == config  # exactly, from the config sdlab stores in the file's metadata
@@ -125,7 +125,7 @@ def test_single_file_round_trip(tmp_path, config):
 def test_single_file_fp16(tmp_path):
     states = reference_state_dicts(TINY_SD1)
     path = save_single_file(
-        tmp_path / "m.safetensors", TINY_SD1, states["unet"], states["vae"], states["text_encoder"], dtype=torch.float16
+        tmp_path / "m.safetensors", TINY_SD1, states, dtype=torch.float16
     )
     assert path.stat().st_size < 0.6 * sum(v.numel() * 4 for sd in states.values() for v in sd.values())
     ckpt = load_checkpoint(path)
@@ -159,7 +159,7 @@ def test_original_lightning_ckpt_with_extras(tmp_path):
 
 def test_saves_refuse_to_overwrite(tmp_path):
     states = reference_state_dicts(TINY_SD1)
-    args = (TINY_SD1, states["unet"], states["vae"], states["text_encoder"])
+    args = (TINY_SD1, states)
     folder = save_diffusers(tmp_path / "model", *args)
     path = save_single_file(tmp_path / "model.safetensors", *args)
     with pytest.raises(DestinationExistsError, match="overwrite=True"):
@@ -191,7 +191,7 @@ def test_a_models_own_default_guidance_survives_folders_and_single_files(tmp_pat
     assert load_checkpoint(folder).config.default_guidance == 3.0
     plain = _save_folder(tmp_path / "plain", TINY_SD1, states)  # SD's usual 7: no key at all
     assert "_sdlab_default_guidance" not in json.loads((plain / "model_index.json").read_text())
-    single = save_single_file(tmp_path / "m.safetensors", config, states["unet"], states["vae"], states["text_encoder"])
+    single = save_single_file(tmp_path / "m.safetensors", config, states)
     assert load_checkpoint(single).config.default_guidance == 3.0
     index["_sdlab_default_guidance"] = "high"
     (folder / "model_index.json").write_text(json.dumps(index))

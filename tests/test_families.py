@@ -10,10 +10,11 @@ from safetensors.torch import save_file
 from test_checkpoints_support import TINY_SD1, TINY_SD2, reference_state_dicts
 
 from sdlab import families
-from sdlab.checkpoints import diffusers_to_ldm, load_checkpoint, read_checkpoint, save_single_file
+from sdlab.checkpoints import diffusers_to_ldm, load_checkpoint, read_checkpoint, save_diffusers, save_single_file
 from sdlab.checkpoints.single_file import CONFIG_KEY
-from sdlab.config import PRESETS, SD15
-from sdlab.errors import CheckpointError
+from sdlab.config import PRESETS, SD15, TINY
+from sdlab.errors import CheckpointError, ParameterError
+from sdlab.model import Model
 
 
 def test_every_preset_belongs_to_the_family_that_lists_it():
@@ -48,8 +49,7 @@ def test_folder_detection_goes_by_the_text_encoders_config():
 def test_sdlab_file_written_before_configs_named_their_family_loads_by_its_keys(tmp_path):
     """A stored sdlab.config without "family" (older sdlab): the family comes from the keys, not sd1."""
     states = reference_state_dicts(TINY_SD2)
-    path = save_single_file(tmp_path / "new.safetensors", TINY_SD2, states["unet"], states["vae"],
-                            states["text_encoder"])
+    path = save_single_file(tmp_path / "new.safetensors", TINY_SD2, states)
     raw = read_checkpoint(path)
     stored = json.loads(raw.metadata[CONFIG_KEY])
     del stored["family"]
@@ -65,3 +65,21 @@ def test_latent_format_is_the_vaes_scale_and_shift_both_ways():
     z = torch.randn(2, 4, 3, 3)
     assert torch.equal(latents.to_diffusion(z), 1.5305 * (z - 0.0609))
     assert torch.allclose(latents.from_diffusion(latents.to_diffusion(z)), z, atol=1e-6)
+
+
+def test_a_model_holds_the_networks_its_family_declares_by_name(tmp_path):
+    model = Model.build(TINY)
+    assert list(model.components) == list(families.family_of(TINY).components)
+    assert model.unet is model.components["unet"] and model.text_encoder is model.components["text_encoder"]
+    replacement = torch.nn.Identity()
+    model.vae = replacement  # replacing a network replaces the component (as perf's compiled UNet does)
+    assert model.components["vae"] is replacement
+    with pytest.raises(AttributeError, match="text_encoder_2"):
+        model.text_encoder_2
+
+
+def test_saving_needs_a_state_dict_for_every_component(tmp_path):
+    states = reference_state_dicts(TINY_SD1, device="meta")
+    del states["vae"]
+    with pytest.raises(ParameterError, match=r"components \['text_encoder', 'unet', 'vae'\]"):
+        save_diffusers(tmp_path / "m", TINY_SD1, states)

@@ -2,8 +2,9 @@
 
     ckpt = load_checkpoint("v1-5-pruned-emaonly.safetensors")   # or a diffusers folder
     ckpt.config          # ModelConfig, detected from the weights (or read from config.json)
-    ckpt.unet, ckpt.vae, ckpt.text_encoder   # diffusers-named state dicts, memory-mapped where possible
-    save_diffusers("out/", ckpt.config, ckpt.unet, ckpt.vae, ckpt.text_encoder, dtype=torch.float16)
+    ckpt.weights         # {"unet": ..., "vae": ..., "text_encoder": ...}: the family's components, diffusers-
+                         # named state dicts, memory-mapped where possible (also as ckpt.unet, ckpt.vae...)
+    save_diffusers("out/", ckpt.config, ckpt.weights, dtype=torch.float16)
 
 Modules: `io` (safe reading by content), `convert` (the dict -> dict converters over the key map tables that
 the families declare, `sdlab.families`), `detect` (which family is this file?), `configs` (config.json <-> dataclasses),
@@ -15,11 +16,13 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .. import families
 from ..config import ModelConfig
 from ..errors import CheckpointError, ParameterError
 from .atomic import DestinationExistsError, atomic_folder, atomic_write
@@ -42,14 +45,21 @@ StateDict = dict[str, torch.Tensor]
 
 @dataclass
 class LoadedCheckpoint:
-    """A checkpoint's config and its three networks' weights, named as sdlab's (= diffusers') modules."""
+    """A checkpoint's config and its networks' weights, named as sdlab's (= diffusers') modules.
+
+    `weights` has one state dict per component of the config's family; `ckpt.unet`, `ckpt.vae`... read it.
+    """
 
     config: ModelConfig
-    unet: StateDict
-    vae: StateDict
-    text_encoder: StateDict
+    weights: dict[str, StateDict]
     tokenizer_dir: Path | None  # the folder's tokenizer/, or None (single files carry none)
     source: Path
+
+    def __getattr__(self, name: str) -> StateDict:
+        weights = self.__dict__.get("weights", {})
+        if name in weights:
+            return weights[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute or component {name!r}")
 
 
 def load_checkpoint(
@@ -78,40 +88,44 @@ def load_checkpoint(
         tokenizer_dir = None
     weights = {name: cast(sd, dtype) for name, sd in weights.items()}
     log.info("loaded %s as %s (%s)", path, config.name, config.prediction)
-    return LoadedCheckpoint(config, weights["unet"], weights["vae"], weights["text_encoder"], tokenizer_dir, path)
+    return LoadedCheckpoint(config, weights, tokenizer_dir, path)
 
 
 def save_diffusers(
     folder: str | os.PathLike,
     config: ModelConfig,
-    unet: StateDict,
-    vae: StateDict,
-    text_encoder: StateDict,
+    weights: Mapping[str, StateDict],
     *,
     dtype: torch.dtype | None = None,
     variant: str | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write a diffusers folder (loadable by `StableDiffusionPipeline.from_pretrained`), atomically; an
-    existing folder is replaced only with `overwrite=True`."""
-    components = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
-    return write_folder(Path(folder), config, components, dtype=dtype, variant=variant, overwrite=overwrite)
+    existing folder is replaced only with `overwrite=True`. `weights`: a state dict per component of the
+    config's family (`ckpt.weights`, or {"unet": ..., "vae": ..., "text_encoder": ...})."""
+    return write_folder(Path(folder), config, _all_components(config, weights), dtype=dtype, variant=variant,
+                        overwrite=overwrite)
 
 
 def save_single_file(
     path: str | os.PathLike,
     config: ModelConfig,
-    unet: StateDict,
-    vae: StateDict,
-    text_encoder: StateDict,
+    weights: Mapping[str, StateDict],
     *,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write one original-layout `.safetensors` file, atomically; an existing file is replaced only with
-    `overwrite=True`."""
-    components = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
-    return write_single_file(Path(path), config, components, dtype=dtype, overwrite=overwrite)
+    `overwrite=True`. `weights` as for `save_diffusers`."""
+    return write_single_file(Path(path), config, _all_components(config, weights), dtype=dtype,
+                             overwrite=overwrite)
+
+
+def _all_components(config: ModelConfig, weights: Mapping[str, StateDict]) -> Mapping[str, StateDict]:
+    expected = list(families.family_of(config).components)
+    if not isinstance(weights, Mapping) or sorted(weights) != sorted(expected):
+        raise ParameterError(f"weights must be a state dict for each of the components {expected}, by name")
+    return weights
 
 
 def _load_folder(path: Path, family, prediction, variant):

@@ -34,7 +34,7 @@ def ldm_to_diffusers(state_dict: Mapping[str, torch.Tensor], config: ModelConfig
     family = families.family_of(config)
     state_dict = family.normalize_keys(state_dict)
     maps = family.keymaps(config)
-    out = {name: _component_to_diffusers(state_dict, km, name) for name, km in maps.items()}
+    out = {name: _component_to_diffusers(state_dict, maps[name], name) for name in family.components}
     roots = tuple(km.root for km in maps.values())
     others = [k for k in state_dict if not k.startswith(roots)]
     if others:

@@ -9,11 +9,12 @@ which family a model is.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..config import ModelConfig
 
@@ -44,9 +45,11 @@ class KeyMap:
 
 @dataclass(frozen=True)
 class Component:
-    """One network of a family, as a diffusers folder stores it: `<name>/config.json` + weights."""
+    """One network of a family: how sdlab builds it, and how a diffusers folder stores it
+    (`<name>/config.json` + weights)."""
 
     name: str  # the sub-folder and the attribute of `Model`: "unet", "vae", "text_encoder", "text_encoder_2"
+    build: Callable[[ModelConfig], nn.Module]  # the network of a config (random weights; meta device to load)
     library: str  # what model_index.json names: ("diffusers" | "transformers", class name)
     classes: tuple[str, ...]  # the class names sdlab reads; the first is the one it writes
     weights_name: str  # the weight file's stem: "diffusion_pytorch_model" or "model"
@@ -79,7 +82,7 @@ class Family:
     name: str  # short and stable: stored in ModelConfig.family ("sd1", "sd2")
     label: str  # what users read in messages: "SD 1.x (OpenAI CLIP ViT-L/14 text encoder, ...)"
     presets: tuple[ModelConfig, ...]
-    components: Mapping[str, Component]
+    components: Mapping[str, Component]  # in the order they are built (random weights depend on it)
     pipelines: Mapping[str, str]  # diffusers pipeline class by kind: "txt2img", "inpaint"
     default_pad_token_id: int  # the padding token when a folder's tokenizer names none
 

@@ -13,6 +13,9 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from ..nn.clip import TextEncoder
+from ..nn.unet import UNet
+from ..nn.vae import VAE
 from . import ldm
 from .base import Component, Family, KeyMap, StateDict
 
@@ -34,11 +37,13 @@ TINY = ModelConfig(
     default_size=64,
 )
 
+# SD 1.x and 2.x have the same three networks (their sizes differ, in the config).
 COMPONENTS = {
-    "unet": Component("unet", "diffusers", ("UNet2DConditionModel",), "diffusion_pytorch_model"),
-    "vae": Component("vae", "diffusers", ("AutoencoderKL",), "diffusion_pytorch_model"),
-    "text_encoder": Component("text_encoder", "transformers", ("CLIPTextModel", "CLIPTextModelWithProjection"),
-                              "model"),
+    "text_encoder": Component("text_encoder", lambda c: TextEncoder(c.text_encoder), "transformers",
+                              ("CLIPTextModel", "CLIPTextModelWithProjection"), "model"),
+    "unet": Component("unet", lambda c: UNet(c.unet), "diffusers", ("UNet2DConditionModel",),
+                      "diffusion_pytorch_model"),
+    "vae": Component("vae", lambda c: VAE(c.vae), "diffusers", ("AutoencoderKL",), "diffusion_pytorch_model"),
 }
 PIPELINES = {"txt2img": "StableDiffusionPipeline", "inpaint": "StableDiffusionInpaintPipeline"}
 

@@ -362,7 +362,7 @@ class _eval_mode:
     """Put the model's networks in eval mode and no-grad inside the block; restore their modes after."""
 
     def __init__(self, model: Model):
-        self.nets = [model.unet, model.text_encoder, model.vae]
+        self.nets = list(model.components.values())
 
     def __enter__(self):
         self.modes = [net.training for net in self.nets]

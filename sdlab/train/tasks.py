@@ -47,7 +47,7 @@ class DiffusionTask:
             self.trained = {"unet": _train(model.unet)}
             if config.train_text_encoder:
                 self.trained["text_encoder"] = _train(model.text_encoder)
-        self.frozen = {n: getattr(model, n) for n in ("unet", "text_encoder", "vae") if n not in self.trained}
+        self.frozen = {n: net for n, net in model.components.items() if n not in self.trained}
         grad_through_text = config.train_text_encoder or (config.uses_lora and config.lora_text_encoder)
         self.objective = DiffusionObjective(
             model.unet, model.text_encoder, self.schedule, model.config.prediction,
