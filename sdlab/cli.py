@@ -240,13 +240,9 @@ def cmd_generate(args) -> int:
 
 def _base_params(args) -> tuple[GenerationParams, dict]:
     """GenerationParams from (the PNG given by --from-png, then) the flags given; plus the PNG's fields."""
-    from .pngmeta import parse_infotext
-
     params, fields = DEFAULTS, {}
     if getattr(args, "from_png", None):
-        text = _read_png_text(args.from_png)
-        parsed = parse_infotext(text)
-        params, fields = parsed.to_params(), parsed.fields
+        params, fields = _read_png_params(args.from_png)
         if args.mode == "generate" and "Denoising strength" in fields:
             log.warning("%s was made from an init image: re-create it with `sdlab img2img --from-png ... "
                         "--init IMAGE` (or inpaint)", args.from_png)
@@ -261,27 +257,25 @@ def _base_params(args) -> tuple[GenerationParams, dict]:
     return params.replace(**changes), fields
 
 
-def _read_png_text(path: Path) -> str:
-    from .pngmeta import read_infotext
+def _read_png_params(path: Path) -> tuple[GenerationParams, dict[str, str]]:
+    """The parameters (and the raw fields) in the PNG of --from-png; any problem is one ParameterError
+    naming the file."""
+    from .pngmeta import parse_infotext, read_infotext
 
-    try:
-        text = read_infotext(path)
-    except OSError as e:
-        raise ParameterError(f"--from-png {path}: cannot read it as an image ({e})") from None
+    text = read_infotext(path, name=f"--from-png {path}")
     if not text:
         raise ParameterError(f"--from-png {path}: the PNG has no 'parameters' text chunk to re-create it from")
-    return text
+    try:
+        parsed = parse_infotext(text)
+        return parsed.to_params(), parsed.fields
+    except ParameterError as e:
+        raise ParameterError(f"--from-png {path}: {e}") from None
 
 
 def _open_image(path: Path, flag: str):
-    from PIL import Image
+    from .images import open_image
 
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except OSError as e:
-        raise ParameterError(f"{flag} {path}: cannot read it as an image ({e})") from None
+    return open_image(path, name=f"{flag} {path}")
 
 
 def _load_model(args, png_fields: dict):
@@ -295,7 +289,7 @@ def _load_model(args, png_fields: dict):
     png_name = png_fields.get("Model")
     if name is None and png_name is not None:
         if png_name != "builtin" and not png_name.startswith("random:"):
-            raise ParameterError(f"the PNG was made with model {png_name!r}: pass its file with --model")
+            raise ParameterError("the PNG was made with a model that is not built in: pass its file with --model")
         name = png_name
     model = Model.from_name(name, device=args.device, dtype=DTYPES[args.dtype]).to(args.device)
     if getattr(args, "tiny_vae", None) is not None:

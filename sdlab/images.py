@@ -3,13 +3,53 @@
 Pixels in tensors are (B, 3, H, W) in [-1, 1]; masks are (1, 1, H, W) in {0, 1} with 1 = repaint.
 Rounding to 8 bits is `round(x * 255)` of the [0, 1] image, as diffusers does, so that images compare
 pixel for pixel.
+
+Reading a user's image file goes through `open_image`, which turns whatever PIL raises for a bad file into
+one ParameterError naming the file and saying what kind of problem it is (never PIL's message, which can
+quote bytes of the file).
 """
 
 from __future__ import annotations
 
+import os
+import struct
+
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+from .errors import ParameterError
+
+# What PIL raises for a file it cannot open or decode: OSError (missing, unidentified, truncated), ValueError
+# (a PNG text chunk too large), SyntaxError (broken chunks), EOFError and struct.error (cut short), and bombs.
+PIL_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+
+
+def unreadable_reason(error: BaseException) -> str:
+    """What is wrong with a file PIL refused (one of PIL_READ_ERRORS), in words."""
+    if isinstance(error, FileNotFoundError):
+        return "no such file"
+    if isinstance(error, IsADirectoryError):
+        return "is a folder, not an image file"
+    if isinstance(error, PermissionError):
+        return "cannot be opened (permission denied)"
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image file PIL can read (PNG, JPEG, WebP, ...)"
+    if isinstance(error, Image.DecompressionBombError):
+        return f"declares more than twice PIL's limit of {Image.MAX_IMAGE_PIXELS} pixels (a decompression bomb?)"
+    if isinstance(error, ValueError) and "too large" in str(error).lower():
+        return f"a text chunk inflates past PIL's limit of {PngImagePlugin.MAX_TEXT_CHUNK} bytes (a decompression bomb?)"
+    return "a damaged or truncated image file"
+
+
+def open_image(path: str | os.PathLike, name: str | None = None) -> Image.Image:
+    """The decoded image in `path`; ParameterError naming `name` (default: the path) if it is not one."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except PIL_READ_ERRORS as e:
+        raise ParameterError(f"{name or path}: {unreadable_reason(e)}") from None
 
 
 def to_pixels(image: Image.Image, width: int, height: int) -> torch.Tensor:

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 from dataclasses import dataclass, field
 
 from PIL import Image, PngImagePlugin
 
 from .errors import ParameterError
+from .images import PIL_READ_ERRORS, unreadable_reason
 from .params import GenerationParams
 
 PARAMETERS_KEY = "parameters"
@@ -36,9 +38,17 @@ SCHEDULE_LABELS = {
 }  # fmt: skip
 _SCHEDULE_BY_LABEL = {label.lower(): key for key, label in SCHEDULE_LABELS.items()}
 
-# One `key: value` pair of the last line; value is a JSON string or runs to the next comma.
-_PAIR = re.compile(r'\s*(\w[\w \-/+]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+# The pieces of one `key: value` pair of the last line (see `_pairs`); a value is a JSON string or runs to
+# the next comma. Each is matched once at a known position, so none of them can backtrack over the line.
+_SPACES = re.compile(r"\s*")
+_KEY = re.compile(r"\w[\w \-/+]*")
+_QUOTED_VALUE = re.compile(r'("(?:\\.|[^\\"])*")(?:,|$)')
+_PLAIN_VALUE = re.compile(r"([^,]*)(?:,|$)")
 _NEGATIVE = "Negative prompt:"
+
+# The longest infotext read back. A1111's are a few KB (long prompts, LoRA hashes); a PNG's text chunk can
+# hold megabytes, which no prompt needs.
+MAX_INFOTEXT_CHARS = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -135,28 +145,68 @@ def png_bytes(image: Image.Image, text: str | None = None) -> bytes:
 # ---- reading ----
 
 
-def read_infotext(image: Image.Image | str | bytes) -> str | None:
-    """The `parameters` text of a PNG (a PIL image, a path or the file's bytes), or None if it has none."""
-    if isinstance(image, bytes):
-        image = Image.open(io.BytesIO(image))
-    elif not isinstance(image, Image.Image):
-        with Image.open(image) as opened:
-            return opened.info.get(PARAMETERS_KEY)
-    return image.info.get(PARAMETERS_KEY)
+def read_infotext(image: Image.Image | str | os.PathLike | bytes, *, name: str | None = None) -> str | None:
+    """The `parameters` text of a PNG (a PIL image, a path or the file's bytes), or None if it has none.
+
+    A path or bytes that cannot be read as an image (missing, not an image, truncated, a text chunk that
+    inflates past PIL's limit, a decompression bomb) is a one-line ParameterError naming `name` (default:
+    the path, or "the PNG data"); only the chunks before the pixel data are read, never the pixels.
+    """
+    if isinstance(image, Image.Image):
+        return image.info.get(PARAMETERS_KEY)
+    source = io.BytesIO(image) if isinstance(image, bytes) else image
+    name = name or ("the PNG data" if isinstance(image, bytes) else str(image))
+    try:
+        with Image.open(source) as opened:
+            text = opened.info.get(PARAMETERS_KEY)
+    except PIL_READ_ERRORS as e:
+        raise ParameterError(f"{name}: {unreadable_reason(e)}") from None
+    return text if isinstance(text, str) else None
 
 
 def parse_infotext(text: str) -> InfoText:
-    """Split an infotext into prompt, negative prompt and the last line's fields."""
+    """Split an infotext into prompt, negative prompt and the last line's fields (in time linear in its
+    length); ParameterError if it is longer than MAX_INFOTEXT_CHARS."""
+    if len(text) > MAX_INFOTEXT_CHARS:
+        raise ParameterError(f"the PNG parameters text is {len(text)} characters long, more than the "
+                             f"{MAX_INFOTEXT_CHARS} an infotext may have (A1111's are a few thousand)")
     lines = text.strip("\n").split("\n")
     fields: dict[str, str] = {}
-    if lines and len(_PAIR.findall(lines[-1])) >= 3:  # a prompt line rarely has three `key: value` pairs
-        fields = {k.strip(): _unquote(v.strip()) for k, v in _PAIR.findall(lines.pop())}
+    pairs = _pairs(lines[-1])
+    if len(pairs) >= 3:  # a prompt line rarely has three `key: value` pairs
+        fields = {k.strip(): _unquote(v.strip()) for k, v in pairs}
+        lines.pop()
     prompt, negative, in_negative = [], [], False
     for line in lines:
         if line.startswith(_NEGATIVE):
             in_negative, line = True, line[len(_NEGATIVE):].lstrip()
         (negative if in_negative else prompt).append(line)
     return InfoText("\n".join(prompt), "\n".join(negative), fields)
+
+
+def _pairs(line: str) -> list[tuple[str, str]]:
+    """The (key, value as written) pairs of a parameters line: what `re.findall` of
+    `\\s*(\\w[\\w \\-/+]*):\\s*("(?:\\\\.|[^\\\\"])*"|[^,]*)(?:,|$)` finds, without its quadratic time.
+
+    findall retries that pattern at every position, and each try scans a whole run of key characters
+    before failing for want of a colon: a long line without one took seconds. A try from inside a run
+    fails where the run ends, so the scan resumes there instead; every character is then looked at a
+    bounded number of times.
+    """
+    pairs, pos = [], 0
+    while pos < len(line):
+        start = _SPACES.match(line, pos).end()
+        key = _KEY.match(line, start)
+        if key is None:  # no key starts here, nor anywhere in the spaces before
+            pos = start + 1
+        elif not line.startswith(":", key.end()):  # no key starting inside this run has a colon either
+            pos = key.end()
+        else:
+            value_start = _SPACES.match(line, key.end() + 1).end()
+            value = _QUOTED_VALUE.match(line, value_start) or _PLAIN_VALUE.match(line, value_start)
+            pairs.append((key[0], value[1]))
+            pos = value.end()
+    return pairs
 
 
 def params_from_infotext(text: str) -> GenerationParams:
@@ -180,7 +230,7 @@ def params_from_fields(prompt: str, negative: str, fields: dict[str, str]) -> Ge
         _read_sampling(fields, changes)
         _read_numbers(fields, changes)
     except ValueError as e:
-        raise ParameterError(f"PNG parameters: cannot read {e}; the parameters line is: {fields}") from None
+        raise ParameterError(f"PNG parameters: cannot read {e}") from None
     return GenerationParams(**changes)
 
 
@@ -222,12 +272,12 @@ def _read_numbers(fields: dict[str, str], changes: dict[str, object]) -> None:
             try:
                 changes[name] = kind(fields[label])
             except ValueError:
-                raise ValueError(f"{label}={fields[label]!r} (expected {kind.__name__})") from None
+                raise ValueError(f"{label} (not {'an integer' if kind is int else 'a number'})") from None
     if "Size" in fields:
         try:
             changes["width"], changes["height"] = parse_size(fields["Size"])
         except ParameterError:
-            raise ValueError(f"Size={fields['Size']!r} (expected WIDTHxHEIGHT)") from None
+            raise ValueError("Size (not WIDTHxHEIGHT)") from None
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -1,13 +1,19 @@
 """A1111 `parameters` chunk: writing from GenerationParams, parsing back, and reading A1111's own text."""
 
 import io
+import random
+import re
+import struct
+import time
+import zlib
 
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from sdlab.errors import ParameterError
 from sdlab.params import GenerationParams
 from sdlab.pngmeta import (
+    MAX_INFOTEXT_CHARS,
     ModelInfo,
     infotext,
     params_from_infotext,
@@ -106,3 +112,93 @@ def test_png_chunk_round_trip_with_unicode():
     assert read_infotext(data) == text
     assert read_infotext(Image.open(io.BytesIO(data))) == text
     assert read_infotext(png_bytes(Image.new("RGB", (8, 8)))) is None
+
+
+# ---- bad input: linear-time parsing, a size limit, unreadable files ----
+
+# The pattern the parser used to run with re.findall, kept as the reference for what `_pairs` must find.
+FINDALL_PAIR = re.compile(r'\s*(\w[\w \-/+]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def test_pairs_find_what_the_old_pattern_found():
+    from sdlab.pngmeta import _pairs
+
+    alphabet = list('aZ_1é -/+:,"\\\t.\u00a0\r\n') + ["Steps", ": ", ", ", '\\"']
+    rng = random.Random(0)
+    for _ in range(20_000):
+        line = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24)))
+        assert _pairs(line) == FINDALL_PAIR.findall(line), repr(line)
+
+
+@pytest.mark.parametrize("line", [
+    "a" * 60_000,                        # one key run with no colon: each findall retry rescanned it
+    "a " * 30_000,
+    " \t" * 30_000,
+    'k: "x,' * 10_000,                   # quoted values that never close
+    "Steps: 1, " + "b-c/d+e " * 7_000,
+], ids=["word", "words", "spaces", "unclosed-quotes", "key-characters"])  # fmt: skip
+def test_long_adversarial_lines_parse_in_linear_time(line):
+    started = time.perf_counter()
+    parse_infotext("a prompt\n" + line)
+    assert time.perf_counter() - started < 0.5  # the old parser took ~20 s on the first
+
+
+def test_an_infotext_over_the_limit_is_refused_at_once():
+    started = time.perf_counter()
+    with pytest.raises(ParameterError, match=f"more than the {MAX_INFOTEXT_CHARS}"):
+        parse_infotext("a" * (1 << 20))
+    assert time.perf_counter() - started < 0.1
+    parse_infotext("p" * (MAX_INFOTEXT_CHARS - 60) + "\nSteps: 1, Sampler: Euler, Seed: 1")  # at the limit: read
+
+
+def test_bad_fields_are_named_without_quoting_them():
+    with pytest.raises(ParameterError, match="Steps") as error:
+        params_from_infotext("p\nSteps: SECRET, Sampler: Euler, Seed: 1, Size: 64x64")
+    assert "SECRET" not in str(error.value)
+
+
+def _png_with_chunk(chunk_type: bytes, data: bytes) -> bytes:
+    """A small PNG with one extra chunk right after IHDR (where text chunks are read at open)."""
+    png = png_bytes(Image.new("RGB", (4, 4)))
+    chunk = struct.pack(">I", len(data)) + chunk_type + data
+    chunk += struct.pack(">I", zlib.crc32(chunk_type + data) & 0xFFFFFFFF)
+    return png[:33] + chunk + png[33:]  # 8 signature bytes + the 25-byte IHDR chunk
+
+
+def unreadable_pngs(tmp_path):
+    """(path, what the error must say) for files read_infotext cannot read."""
+    inflating = zlib.compress(b"a" * (PngImagePlugin.MAX_TEXT_CHUNK + 1), 9)
+    files = {
+        "ztxt_bomb.png": (_png_with_chunk(b"zTXt", b"parameters\0\0" + inflating), "inflates past PIL's limit"),
+        "itxt_bomb.png": (_png_with_chunk(b"iTXt", b"parameters\0\1\0\0\0" + inflating), "inflates past"),
+        "huge.png": (png_bytes(Image.new("RGB", (4, 4)))[:16]
+                     + _ihdr(100_000, 100_000), "decompression bomb"),
+        "text.png": (b"SECRET: not an image at all", "not an image file"),
+        "truncated.png": (png_bytes(Image.new("RGB", (4, 4)), "p")[:20], "damaged or truncated"),
+    }
+    cases = []
+    for name, (data, message) in files.items():
+        (tmp_path / name).write_bytes(data)
+        cases.append((tmp_path / name, message))
+    return cases + [(tmp_path / "missing.png", "no such file"), (tmp_path, "is a folder")]
+
+
+def _ihdr(width: int, height: int) -> bytes:
+    """The rest of a PNG after its IHDR chunk's length and type: size, CRC, and an IEND."""
+    body = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    crc = struct.pack(">I", zlib.crc32(b"IHDR" + body) & 0xFFFFFFFF)
+    iend = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND") & 0xFFFFFFFF)
+    return body + crc + iend
+
+
+def test_unreadable_pngs_are_one_line_parameter_errors_naming_the_file(tmp_path):
+    for path, message in unreadable_pngs(tmp_path):
+        with pytest.raises(ParameterError, match=message) as error:
+            read_infotext(path)
+        text = str(error.value)
+        assert text.startswith(f"{path}: ") and "\n" not in text and "SECRET" not in text
+    data = (tmp_path / "ztxt_bomb.png").read_bytes()
+    with pytest.raises(ParameterError, match="^the PNG data: a text chunk inflates"):
+        read_infotext(data)
+    with pytest.raises(ParameterError, match="^upload: a text chunk"):
+        read_infotext(data, name="upload")
