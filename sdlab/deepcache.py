@@ -34,9 +34,10 @@ class DeepCacheUNet(nn.Module):
         self.calls = 0
         self.deep: torch.Tensor | None = None  # (B, C1, h, w) from the last full call
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor, **inputs) -> torch.Tensor:
+        """As the UNet's forward; `inputs` are the conditioning's other parts (`Conditioning.network_inputs`)."""
         reuse = self.deep is not None and self.calls % self.interval != 0 and self.deep.shape[0] == x.shape[0]
-        out, deep = self.unet.forward_with_features(x, t, context, deep=self.deep if reuse else None)
+        out, deep = self.unet.forward_with_features(x, t, context, deep=self.deep if reuse else None, **inputs)
         self.deep = deep
         self.calls += 1
         return out

@@ -29,14 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from . import rng
-from .conditioning import encode_prompts
 from .deepcache import DeepCacheUNet
 from .diffusion.denoisers import GuidedDenoiser, MaskedDenoiser, ModelDenoiser
 from .diffusion.registry import SamplerSpec, get_sampler, with_options
 from .diffusion.samplers import SamplingInterrupted
 from .diffusion.schedules import NoiseSchedule, ve_to_vp
 from .errors import ParameterError, SdlabError
-from .families import latent_format
+from .families import family_of, latent_format
 from .images import to_mask, to_pil, to_pixels
 from .interrupts import abort_between_blocks
 from .lora import LoRASource, apply_lora
@@ -131,7 +130,7 @@ def _sample_batch(model, prompts, negatives, params, generator, callback, interr
     start = _first_step(params)
     unet = model.unet if params.deepcache == 1 else DeepCacheUNet(model.unet, params.deepcache)
     denoiser = ModelDenoiser(unet, schedule, model.config.prediction, quantize=spec.quantize(params.schedule))
-    cond, uncond = _contexts(model, prompts, negatives, params)
+    cond, uncond = _conditionings(model, prompts, negatives, params)
     x, denoiser = _start(model, params, denoiser, cond, uncond, spec, sigmas, start, generator)
     sigmas = sigmas[start:]
     watcher = _StepWatcher(params, len(sigmas) - 1, callback)
@@ -165,14 +164,15 @@ def _first_step(params: GenerationParams) -> int:
     return params.steps - min(int(params.steps * params.strength), params.steps)
 
 
-def _contexts(model, prompts, negatives, params):
-    """(cond, uncond) contexts (B, 77 N, D); uncond is None when guidance is off (scale 1)."""
+def _conditionings(model, prompts, negatives, params):
+    """(cond, uncond) Conditionings from the family's conditioner (one call for both); uncond is None when
+    guidance is off (scale 1)."""
     texts = prompts if params.cfg_scale == 1.0 else negatives + prompts
-    contexts = encode_prompts(model, texts, params.clip_skip)
-    _check_finite(contexts, "the text encoder's output")
+    both = family_of(model.config).condition(model, texts, params.clip_skip)
+    _check_finite(both.context, "the text encoder's output")
     if params.cfg_scale == 1.0:
-        return contexts, None
-    uncond, cond = contexts.chunk(2)
+        return both, None
+    uncond, cond = both.chunk(2)
     return cond, uncond
 
 
@@ -206,8 +206,10 @@ def _start_from_image(model, params, denoiser, cond, uncond, spec, sigmas, start
         if model.config.is_inpainting:
             masked = encode_image(model, pixels * (mask < 0.5), n, generator)
             concat = torch.cat([latent_mask.expand(n, -1, -1, -1), masked], dim=1)  # (B, 5, h, w)
-    guided = GuidedDenoiser(denoiser, cond, uncond, params.cfg_scale, rescale=params.guidance_rescale,
-                            concat=concat)
+    if concat is not None:  # the same extra channels for the conditional and the unconditional pass
+        cond = cond.replace(concat=concat)
+        uncond = None if uncond is None else uncond.replace(concat=concat)
+    guided = GuidedDenoiser(denoiser, cond, uncond, params.cfg_scale, rescale=params.guidance_rescale)
     if blend:
         return x, MaskedDenoiser(guided, image_latents, latent_mask, noise)
     return x, guided

@@ -5,6 +5,7 @@ import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
 from sdlab.config import ScheduleConfig
+from sdlab.diffusion.conditioning import Conditioning, batch_for_guidance
 from sdlab.diffusion.denoisers import GuidedDenoiser, MaskedDenoiser, ModelDenoiser, rescale_guidance
 from sdlab.diffusion.samplers import sample_euler, sample_euler_ancestral
 from sdlab.diffusion.schedules import NoiseSchedule, make_sigmas
@@ -28,7 +29,7 @@ def test_eps_prediction_scalings():
     net = RecordingNet()
     x, sigma = torch.randn(2, 4, 8, 8), torch.tensor(3.0)
     context = torch.randn(2, 5, 16)
-    denoised = ModelDenoiser(net, SCHEDULE)(x, sigma, context)
+    denoised = ModelDenoiser(net, SCHEDULE)(x, sigma, Conditioning(context))
     x_in, t, _ = net.calls[0]
     torch.testing.assert_close(x_in, x / 10**0.5)  # c_in = 1 / sqrt(sigma^2 + 1)
     torch.testing.assert_close(SCHEDULE.t_to_sigma(t), torch.full((2,), 3.0))
@@ -44,14 +45,14 @@ def test_v_prediction_recovers_x0_from_the_true_v():
     sigma = SCHEDULE.sigmas[t]
     denoiser = ModelDenoiser(lambda x_in, t, c: v, SCHEDULE, "v_prediction")
     x = x0 + sigma * eps  # the VE sample
-    torch.testing.assert_close(denoiser(x, sigma, None), x0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(denoiser(x, sigma, Conditioning(torch.zeros(1, 1, 1))), x0, atol=1e-5, rtol=1e-5)
 
 
 def test_per_sample_sigmas_and_quantized_timesteps():
     net = RecordingNet()
     mid = (SCHEDULE.sigmas[100] * SCHEDULE.sigmas[101]).sqrt() * 1.001  # just above 100.5
     ModelDenoiser(net, SCHEDULE, quantize=True)(torch.randn(2, 4, 4, 4), torch.stack([mid, SCHEDULE.sigmas[7]]),
-                                                 torch.zeros(2, 1, 1))
+                                                 Conditioning(torch.zeros(2, 1, 1)))
     assert net.calls[0][1].tolist() == [101.0, 7.0]
 
 
@@ -65,7 +66,7 @@ def test_guidance_is_one_batched_call_and_skipped_at_scale_1():
     cond, uncond = torch.randn(2, 6, 16), torch.randn(2, 6, 16)
     net = RecordingNet()
     model = ModelDenoiser(net, SCHEDULE)
-    guided = GuidedDenoiser(model, cond, uncond, scale=7.5)(x, sigma)
+    guided = GuidedDenoiser(model, Conditioning(cond), Conditioning(uncond), scale=7.5)(x, sigma)
     assert len(net.calls) == 1
     x_in, t, context = net.calls[0]
     assert x_in.shape[0] == 4 and torch.equal(context, torch.cat([uncond, cond]))
@@ -73,9 +74,9 @@ def test_guidance_is_one_batched_call_and_skipped_at_scale_1():
     torch.testing.assert_close(guided, x - 5.0 * (out_u + 7.5 * (out_c - out_u)))
 
     net.calls.clear()
-    plain = GuidedDenoiser(model, cond, uncond, scale=1.0)(x, sigma)
+    plain = GuidedDenoiser(model, Conditioning(cond), Conditioning(uncond), scale=1.0)(x, sigma)
     assert len(net.calls) == 1 and net.calls[0][0].shape[0] == 2
-    torch.testing.assert_close(plain, model(x, sigma, cond))
+    torch.testing.assert_close(plain, model(x, sigma, Conditioning(cond)))
 
 
 def test_guidance_rescale_matches_diffusers():
@@ -86,8 +87,9 @@ def test_guidance_rescale_matches_diffusers():
 def test_inpainting_model_gets_mask_and_masked_image_channels():
     net = RecordingNet()
     x, concat = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 8, 8)
-    cond, uncond = torch.randn(1, 3, 16), torch.randn(1, 3, 16)
-    GuidedDenoiser(ModelDenoiser(net, SCHEDULE), cond, uncond, scale=3.0, concat=concat)(x, torch.tensor(2.0))
+    cond = Conditioning(torch.randn(1, 3, 16), concat=concat)
+    uncond = Conditioning(torch.randn(1, 3, 16), concat=concat)
+    GuidedDenoiser(ModelDenoiser(net, SCHEDULE), cond, uncond, scale=3.0)(x, torch.tensor(2.0))
     x_in = net.calls[0][0]
     assert x_in.shape == (2, 9, 8, 8)
     torch.testing.assert_close(x_in[:, 4:], torch.cat([concat, concat]))
@@ -113,3 +115,27 @@ def test_masked_denoiser_keeps_the_unmasked_region(sampler):
     assert out[~keep].abs().max() < 1e-6  # the repainted region is the model's
     x_seen, sigma_seen = seen[3]  # the model saw the original, noised to the current sigma
     torch.testing.assert_close(x_seen[keep], (init + sigma_seen[0] * noise)[keep])
+
+
+def test_conditioning_parts_are_batched_for_guidance_in_one_place_and_reach_the_network():
+    """The pooled/added vector and control residuals (SDXL, ControlNet) travel with the context: joined as
+    [uncond; cond] for one CFG call and passed to the network by name; unset parts are not passed."""
+    seen = {}
+
+    def net(x_in, t, context, **inputs):
+        seen.update(inputs, context=context)
+        return torch.zeros(x_in.shape[0], 4, *x_in.shape[2:])
+
+    def conditioning(value):
+        return Conditioning(torch.full((1, 3, 8), value), added=torch.full((1, 6), value),
+                            control=(torch.full((1, 2, 4, 4), value),))
+
+    uncond, cond = conditioning(0.0), conditioning(1.0)
+    GuidedDenoiser(ModelDenoiser(net, SCHEDULE), cond, uncond, scale=5.0)(torch.randn(1, 4, 4, 4), 2.0)
+    assert seen["context"][:, 0, 0].tolist() == [0.0, 1.0] and seen["added"][:, 0].tolist() == [0.0, 1.0]
+    assert seen["control"][0][:, 0, 0, 0].tolist() == [0.0, 1.0]
+    both = batch_for_guidance(uncond, cond)
+    assert all(torch.equal(a, b) for a, b in zip(both.chunk(2)[1].control, cond.control, strict=True))
+    assert Conditioning(torch.zeros(1, 3, 8)).network_inputs() == {}
+    with pytest.raises(ParameterError, match="added"):
+        batch_for_guidance(Conditioning(torch.zeros(1, 3, 8)), cond)

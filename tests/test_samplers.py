@@ -23,6 +23,7 @@ import torch
 
 from sdlab.config import ScheduleConfig
 from sdlab.diffusion import samplers as S
+from sdlab.diffusion.conditioning import Conditioning
 from sdlab.diffusion.denoisers import GuidedDenoiser, ModelDenoiser
 from sdlab.diffusion.registry import SAMPLERS, get_sampler, sampler_names, with_options
 from sdlab.diffusion.schedules import NoiseSchedule, karras_sigmas, ve_to_vp
@@ -77,7 +78,7 @@ def run_sdlab(name, steps, *, prediction="epsilon", seed=0, schedule="automatic"
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(SHAPE, generator=generator) * spec.initial_noise_scale(sigmas, spacing)
     extra = {"noise_sampler": noise_sampler} if noise_sampler is not None else {}
-    x = spec.sample(GuidedDenoiser(model, CONTEXT), x, sigmas, generator=generator, **extra)
+    x = spec.sample(GuidedDenoiser(model, Conditioning(CONTEXT)), x, sigmas, generator=generator, **extra)
     return ve_to_vp(x, sigmas[-1])
 
 
@@ -157,7 +158,7 @@ def test_ddim_with_eta_matches_diffusers():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(SHAPE, generator=g) * ddim.initial_noise_scale(sigmas)
     with torch.no_grad():
-        ours = ve_to_vp(ddim.sample(GuidedDenoiser(model, CONTEXT), x, sigmas, generator=g), sigmas[-1])
+        ours = ve_to_vp(ddim.sample(GuidedDenoiser(model, Conditioning(CONTEXT)), x, sigmas, generator=g), sigmas[-1])
     # diffusers' DDIM takes eta per step.
     scheduler = diffusers.DDIMScheduler(**SD_SCHEDULER, set_alpha_to_one=False, clip_sample=False)
     scheduler.set_timesteps(10)

@@ -8,11 +8,11 @@ between entries, interpolated in log-sigma).
 - v prediction (Salimans & Ho 2022, "Progressive Distillation"): D = c_skip * x + c_out * v with
   c_skip = 1 / (sigma^2 + 1), c_out = -sigma / sqrt(sigma^2 + 1).
 
-`ModelDenoiser` does the scalings for one conditioning; `GuidedDenoiser` binds the text conditioning and
+`ModelDenoiser` does the scalings for one `Conditioning`; `GuidedDenoiser` binds the conditioning and
 applies classifier-free guidance (Ho & Salimans 2022) with one batched network call, plus guidance
 rescale (Lin et al. 2023, section 3.4); `MaskedDenoiser` inpaints with an ordinary (4-channel) model by
 pinning the unmasked region to the original latent. 9-channel inpainting models get their extra input
-channels (mask, masked-image latents) through `concat`.
+channels (mask, masked-image latents) through the conditioning's `concat`.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from collections.abc import Callable
 
 import torch
 
+from sdlab.diffusion.conditioning import Conditioning, batch_for_guidance, run_network
 from sdlab.diffusion.schedules import NoiseSchedule
 from sdlab.errors import ParameterError
 
-# unet(x_in (B, C, h, w), t (B,), context (B, T, D)) -> eps or v (B, 4, h, w)
-Network = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# unet(x_in (B, C, h, w), t (B,), context (B, T, D), **other conditioning parts) -> eps or v (B, 4, h, w)
+Network = Callable[..., torch.Tensor]
 PREDICTIONS = ("epsilon", "v_prediction")
 
 
@@ -41,7 +42,7 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class ModelDenoiser:
-    """D(x, sigma, context) -> x0 for a network that predicts eps or v.
+    """D(x, sigma, cond) -> x0 for a network that predicts eps or v; `cond` a `Conditioning`.
 
     quantize: feed the network the nearest training timestep instead of the interpolated one (diffusers'
     DPM-Solver and UniPC schedulers do this on Karras sigmas; A1111 does not by default).
@@ -56,12 +57,12 @@ class ModelDenoiser:
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         return self.schedule.sigma_to_t(sigma, quantize=self.quantize)
 
-    def network_output(self, x, sigma, context, concat=None) -> torch.Tensor:
+    def network_output(self, x, sigma, cond: Conditioning) -> torch.Tensor:
         """The raw network output (eps or v) at x, for per-sample sigmas (B,)."""
         x_in = x * _bcast((sigma**2 + 1) ** -0.5, x)  # the DDPM latent
-        if concat is not None:
-            x_in = torch.cat([x_in, concat.to(x_in.dtype)], dim=1)  # (B, 4 + 5, h, w) for inpainting models
-        return self.network(x_in, self.sigma_to_t(sigma), context)
+        if cond.concat is not None:
+            x_in = torch.cat([x_in, cond.concat.to(x_in.dtype)], dim=1)  # (B, 4 + 5, h, w) for inpainting models
+        return run_network(self.network, x_in, self.sigma_to_t(sigma), cond)
 
     def to_denoised(self, x, sigma, output) -> torch.Tensor:
         """x0 from the network output at x, for per-sample sigmas (B,)."""
@@ -71,9 +72,9 @@ class ModelDenoiser:
         c_out = _bcast(-sigma * (sigma**2 + 1) ** -0.5, x)
         return c_skip * x + c_out * output
 
-    def __call__(self, x, sigma, context, concat=None) -> torch.Tensor:
+    def __call__(self, x, sigma, cond: Conditioning) -> torch.Tensor:
         sigma = _per_sample(sigma, x)
-        return self.to_denoised(x, sigma, self.network_output(x, sigma, context, concat))
+        return self.to_denoised(x, sigma, self.network_output(x, sigma, cond))
 
 
 def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
@@ -87,17 +88,16 @@ def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> to
 
 
 class GuidedDenoiser:
-    """D(x, sigma) -> x0 with text conditioning bound and classifier-free guidance.
+    """D(x, sigma) -> x0 with the conditioning bound and classifier-free guidance.
 
-    cond, uncond: (B, T, D) contexts. With scale == 1 (or no uncond) only the conditional pass runs;
-    otherwise one network call on the batch [uncond; cond] (2B). Guidance and its rescale act on the raw
-    network output (eps or v), as in the reference pipelines.
-    concat: (B, 5, h, w) mask and masked-image latents for 9-channel inpainting models, or None.
+    cond, uncond: `Conditioning`s of B samples. With scale == 1 (or no uncond) only the conditional pass
+    runs; otherwise one network call on the batch [uncond; cond] (2B, `batch_for_guidance`). Guidance and
+    its rescale act on the raw network output (eps or v), as in the reference pipelines.
     """
 
-    def __init__(self, model: ModelDenoiser, cond: torch.Tensor, uncond: torch.Tensor | None = None,
-                 scale: float = 1.0, *, rescale: float = 0.0, concat: torch.Tensor | None = None):
-        self.model, self.cond, self.uncond, self.concat = model, cond, uncond, concat
+    def __init__(self, model: ModelDenoiser, cond: Conditioning, uncond: Conditioning | None = None,
+                 scale: float = 1.0, *, rescale: float = 0.0):
+        self.model, self.cond, self.uncond = model, cond, uncond
         self.scale, self.rescale = scale, rescale
 
     @property
@@ -111,15 +111,14 @@ class GuidedDenoiser:
     def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
         sigma = _per_sample(sigma, x)
         if not self.guided:
-            output = self.model.network_output(x, sigma, self.cond, self.concat)
+            output = self.model.network_output(x, sigma, self.cond)
         else:
             output = self._guided_output(x, sigma)
         return self.model.to_denoised(x, sigma, output)
 
     def _guided_output(self, x, sigma) -> torch.Tensor:
-        twice = lambda t: None if t is None else torch.cat([t, t])
-        both = self.model.network_output(twice(x), twice(sigma), torch.cat([self.uncond, self.cond]),
-                                         twice(self.concat))
+        both = self.model.network_output(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                                         batch_for_guidance(self.uncond, self.cond))
         uncond, cond = both.chunk(2)  # each (B, 4, h, w)
         guided = uncond + self.scale * (cond - uncond)
         return rescale_guidance(guided, cond, self.rescale) if self.rescale > 0 else guided

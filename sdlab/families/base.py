@@ -2,7 +2,8 @@
 
 A family is everything that differs between SD 1.x, SD 2.x, SDXL, ...: its presets, how its files are
 recognised (single-file keys and shapes; a diffusers `model_index.json` and component configs), how its
-weights are named in the original single-file layout (key maps, as data), and which networks it has.
+weights are named in the original single-file layout (key maps, as data), which networks it has, what
+its denoising network is conditioned on (its conditioner) and its latent format.
 Code outside `sdlab/families/` asks the family (`sdlab.families.family_of(config)`) instead of testing
 which family a model is.
 """
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..diffusion.conditioning import Conditioning
 
 Pair = tuple[str, str]  # (original prefix, diffusers prefix)
 StateDict = dict[str, torch.Tensor]
@@ -112,6 +114,11 @@ class Family:
         """The latent format of `config`: its VAE's channels and the scale/shift its config.json states."""
         vae = config.vae
         return LatentFormat(vae.latent_channels, vae.scaling_factor, vae.shift_factor)
+
+    def condition(self, model, prompts: list[str], clip_skip: int = 1) -> Conditioning:
+        """The family's conditioner: B prompts -> the `Conditioning` its denoising network takes (on the
+        model's device and dtype). Negative prompts are conditioned the same way."""
+        raise NotImplementedError
 
     def pipeline_class(self, config: ModelConfig) -> str:
         return self.pipelines["inpaint" if config.is_inpainting else "txt2img"]

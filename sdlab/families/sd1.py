@@ -12,7 +12,9 @@ from typing import Any
 
 import torch
 
+from ..conditioning import encode_prompts
 from ..config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from ..diffusion.conditioning import Conditioning
 from ..nn.clip import TextEncoder
 from ..nn.unet import UNet
 from ..nn.vae import VAE
@@ -87,6 +89,14 @@ class SD1(Family):
             "vae": ldm.vae_keymap(config.vae),
             "text_encoder": clip_keymap(config.text_encoder),
         }
+
+    def condition(self, model, prompts: list[str], clip_skip: int = 1) -> Conditioning:
+        return text_conditioning(model, prompts, clip_skip)
+
+
+def text_conditioning(model, prompts: list[str], clip_skip: int = 1) -> Conditioning:
+    """SD 1.x/2.x condition on the text encoder's hidden states only: context (B, 77 N, D)."""
+    return Conditioning(context=encode_prompts(model, prompts, clip_skip))
 
 
 def is_sd_pipeline(index: Mapping[str, Any]) -> bool:

@@ -21,8 +21,9 @@ import torch
 
 from ..config import ModelConfig, TextEncoderConfig, UNetConfig
 from . import ldm
+from ..diffusion.conditioning import Conditioning
 from .base import Family, KeyMap
-from .sd1 import COMPONENTS, PIPELINES, is_sd_pipeline
+from .sd1 import COMPONENTS, PIPELINES, is_sd_pipeline, text_conditioning
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,9 @@ class SD2(Family):
             "vae": ldm.vae_keymap(config.vae),
             "text_encoder": openclip_keymap(config.text_encoder),
         }
+
+    def condition(self, model, prompts: list[str], clip_skip: int = 1) -> Conditioning:
+        return text_conditioning(model, prompts, clip_skip)
 
 
 def openclip_keymap(cfg: TextEncoderConfig) -> KeyMap:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..diffusion.conditioning import Conditioning, run_network
 from ..diffusion.schedules import NoiseSchedule
 from ..nn.clip import TextEncoder
 from ..nn.unet import UNet
@@ -93,13 +94,13 @@ class DiffusionObjective(nn.Module):
         self.register_buffer("alphas_cumprod", schedule.alphas_cumprod.clone(), persistent=False)
         self.prediction, self.min_snr_gamma, self.train_text_encoder = prediction, min_snr_gamma, train_text_encoder
 
-    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+    def encode_text(self, ids: torch.Tensor) -> Conditioning:
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
-            return self.text_encoder(ids)  # (B, T, D)
+            return Conditioning(context=self.text_encoder(ids))  # context (B, T, D)
 
     def forward(self, latents, ids, timesteps, noise):
         alphas = self.alphas_cumprod[timesteps]  # (B,)
-        prediction = self.unet(noised(latents, noise, alphas), timesteps, self.encode_text(ids))
+        prediction = run_network(self.unet, noised(latents, noise, alphas), timesteps, self.encode_text(ids))
         goal = target(latents, noise, alphas, self.prediction)
         per_sample = (prediction.float() - goal.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
         weighted = per_sample * snr_weights(alphas, self.min_snr_gamma, self.prediction)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
+from ..diffusion.conditioning import Conditioning
 from ..diffusion.denoisers import GuidedDenoiser, ModelDenoiser
 from ..diffusion.registry import get_sampler
 from ..diffusion.schedules import NoiseSchedule
@@ -36,9 +37,9 @@ def sample_images(model, prompts: list[str], *, size: int, steps: int, guidance:
     return [_to_pil(p) for p in pixels]
 
 
-def _context(model, prompts: list[str]) -> torch.Tensor:
+def _context(model, prompts: list[str]) -> Conditioning:
     ids = model.tokenizer(prompts, max_length=model.config.text_encoder.max_length)
-    return model.text_encoder(ids.to(model.device))  # (n, T, D)
+    return Conditioning(context=model.text_encoder(ids.to(model.device)))  # context (n, T, D)
 
 
 def _to_pil(pixels: torch.Tensor) -> Image.Image:
