@@ -220,9 +220,11 @@ def _add_samplers(sub, common) -> None:
 
 
 def cmd_generate(args) -> int:
+    from .outputs import check_output_folder
     from .prompt_jobs import process_rank, read_prompts, shard
 
     base, png_model = _base_params(args)
+    check_output_folder(args.out, name=f"--out {args.out}")  # before minutes of work are spent on images
     model, info = _load_model(args, png_model)
     if getattr(args, "prompts", None):
         rank, world = process_rank()
@@ -306,7 +308,7 @@ def _load_model(args, png_fields: dict):
 
 def _generate_and_save(model, info, params: GenerationParams, args) -> list[Path]:
     from .generation import generate
-    from .outputs import save_png, sibling_path, write_bytes_atomic
+    from .outputs import save_png, sibling_names, write_new_file
     from .pngmeta import infotext
     from .trajectory import TrajectoryRecorder, chain, trajectory_bytes
 
@@ -316,16 +318,15 @@ def _generate_and_save(model, info, params: GenerationParams, args) -> list[Path
         result = generate(model, params, callback=chain(bar, recorder), named_loras=_lora_folder(args))
     finally:
         bar.close()
-    resolved = result.params
-    paths = [save_png(image, args.out, seed=resolved.seed + i, text=infotext(resolved, info, index=i))
-             for i, image in enumerate(result.images)]
+    resolved, paths = result.params, []
+    for i, image in enumerate(result.images):  # each path is printed once written: a full disk loses no report
+        paths.append(save_png(image, args.out, seed=resolved.seed + i, text=infotext(resolved, info, index=i)))
+        print(paths[-1], flush=True)
     if recorder is not None:
         suffix = "-steps.gif" if args.save_steps == "gif" else "-steps.png"
-        path = sibling_path(paths[0], suffix)
-        write_bytes_atomic(path, trajectory_bytes(recorder.frames, args.save_steps))
-        paths.append(path)
-    for path in paths:
-        print(path)
+        paths.append(write_new_file(trajectory_bytes(recorder.frames, args.save_steps),
+                                    sibling_names(paths[0], suffix)))
+        print(paths[-1], flush=True)
     return paths
 
 
@@ -372,10 +373,12 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from . import rng
     from .generation import sample_batch
+    from .outputs import check_output_folder
     from .shapes.evaluate import eval_prompts, run_eval
 
     args.mode = "generate"
     base, _ = _base_params(args)
+    check_output_folder(args.out, name=f"--out {args.out}")
     base = base.replace(seed=0 if base.seed is None else base.seed, batch_size=1)
     model, _ = _load_model(args, {})
     prompts = eval_prompts(seed=args.prompt_seed, n=args.n, kind=args.kind)
