@@ -38,7 +38,8 @@ def unreadable_reason(error: BaseException) -> str:
     if isinstance(error, Image.DecompressionBombError):
         return f"declares more than twice PIL's limit of {Image.MAX_IMAGE_PIXELS} pixels (a decompression bomb?)"
     if isinstance(error, ValueError) and "too large" in str(error).lower():
-        return f"a text chunk inflates past PIL's limit of {PngImagePlugin.MAX_TEXT_CHUNK} bytes (a decompression bomb?)"
+        limit = PngImagePlugin.MAX_TEXT_CHUNK
+        return f"a text chunk inflates past PIL's limit of {limit} bytes (a decompression bomb?)"
     return "a damaged or truncated image file"
 
 
