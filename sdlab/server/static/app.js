@@ -120,6 +120,10 @@ function showError(message) {
 
 function addResults(result, steps) {
   const info = JSON.parse(result.info);
+  if (!result.images.length) {  // stopped before an image was decoded
+    showError(info.interrupted ? "interrupted before an image was ready" : "no image came back");
+    return;
+  }
   result.images.forEach((b64, i) => {
     const item = {
       src: `data:image/png;base64,${b64}`, infotext: info.infotexts[i], seed: info.all_seeds[i],
