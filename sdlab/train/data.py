@@ -2,8 +2,11 @@
 
 An image folder holds images (png, jpg, jpeg, webp, bmp) with captions either in `metadata.jsonl` (lines of
 {"file_name": "a/b.png", "text": "..."}, relative to the folder; the Hugging Face `imagefolder` convention)
-or in a `.txt` file beside each image. Images that cannot be read and images without a caption are skipped
-with a warning and counted in `dataset.skipped`, never silently.
+or in a `.txt` file beside each image. Images that cannot be read (not images, truncated, damaged, or
+decompression bombs: more pixels than PIL's limit) and images without a caption are skipped with a warning
+and counted in `dataset.skipped`, never silently. Caption files are UTF-8 (a UTF-8 or UTF-16 byte-order mark
+is understood); one that is not, or a malformed `metadata.jsonl` line, stops the scan with an error naming
+the file and line, since skipping would train on a quietly biased or mis-captioned subset.
 
 Every item is a pure function of (index, epoch, seed): random crops and flips draw from a generator seeded
 by those, so any process can load any item and a resumed run sees exactly the data it would have seen.
@@ -13,9 +16,11 @@ position is part of a training checkpoint.
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import math
+import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,9 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from ..errors import ParameterError
+from ..images import PIL_READ_ERRORS
 from ..shapes import ShapesDataset, ShapesMix
 
 log = logging.getLogger(__name__)
@@ -115,9 +121,9 @@ def scan_folder(root: str | Path) -> tuple[list[Record], SkipReport]:
     records = []
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
         caption = captions.get(path.relative_to(root).as_posix()) if captions else _sidecar_caption(path)
-        size = _image_size(path)
-        if size is None:
-            skipped.add("unreadable image", path)
+        size, problem = _image_size(path)
+        if problem is not None:
+            skipped.add(problem, path)
         elif caption is None:
             skipped.add("no caption", path)
         else:
@@ -136,37 +142,74 @@ def _metadata_captions(root: Path) -> dict[str, str] | None:
     if not path.is_file():
         return None
     captions = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-            captions[Path(entry["file_name"]).as_posix()] = str(entry["text"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ParameterError(
-                f"{path}, line {number}: expected a JSON object with 'file_name' and 'text' ({e!r})"
-            ) from None
+    # JSON Lines are separated by "\n" alone: splitlines() would also cut at U+2028 etc. inside a caption.
+    for number, line in enumerate(read_text_file(path).split("\n"), 1):
+        if line.strip():
+            file_name, text = _metadata_entry(line, path, number)
+            captions[Path(file_name).as_posix()] = text
     return captions
+
+
+def _metadata_entry(line: str, path: Path, number: int) -> tuple[str, str]:
+    """(file_name, text) of one metadata.jsonl line; ParameterError naming the file and line otherwise."""
+    expected = "expected a JSON object with 'file_name' and 'text' strings"
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ParameterError(f"{path}, line {number}: not valid JSON ({e.msg}, column {e.colno}); {expected}") from None
+    except RecursionError:
+        raise ParameterError(f"{path}, line {number}: JSON nested too deeply; {expected}") from None
+    if not isinstance(entry, dict):
+        raise ParameterError(f"{path}, line {number}: a JSON {type(entry).__name__}, not an object; {expected}")
+    wrong = [key for key in ("file_name", "text") if not isinstance(entry.get(key), str)]
+    if wrong:
+        raise ParameterError(f"{path}, line {number}: {' and '.join(map(repr, wrong))} missing or not a string; "
+                             f"{expected}")
+    return entry["file_name"], entry["text"]
 
 
 def _sidecar_caption(image_path: Path) -> str | None:
     txt = image_path.with_suffix(".txt")
     if not txt.is_file():
         return None
-    return txt.read_text(encoding="utf-8", errors="replace").strip()
+    return read_text_file(txt).strip()
 
 
-def _image_size(path: Path) -> Size | None:
-    """(width, height) after EXIF orientation, or None if the file is not a readable image."""
+# Byte-order marks and the codecs they announce (UTF-32's first: its little-endian mark starts as UTF-16's).
+_BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def read_text_file(path: Path) -> str:
+    """A caption file's text: UTF-8, or UTF-8/16/32 announced by a byte-order mark. ParameterError naming the
+    file and the line of the first undecodable byte otherwise (e.g. a Latin-1 file)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ParameterError(f"{path}: cannot be read ({os.strerror(e.errno) if e.errno else e})") from None
+    encoding = next((name for bom, name in _BOMS if data.startswith(bom)), "utf-8")
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data[: e.start].decode(encoding, errors="replace").count("\n") + 1
+        label = "UTF-8" if encoding == "utf-8" else encoding.upper().replace("-SIG", " (with BOM)")
+        raise ParameterError(f"{path}, line {line}: not valid {label} text (at byte {e.start} of the file); save "
+                             "it as UTF-8 (or UTF-16 with a byte-order mark)") from None
+
+
+def _image_size(path: Path) -> tuple[Size | None, str | None]:
+    """((width, height) after EXIF orientation, None), or (None, why it is skipped) if the file is not a
+    readable image. The image is decoded in full, so a truncated file is caught here, not mid-training."""
     try:
         with Image.open(path) as image:
-            image.verify()  # checks the file's structure (and checksums, for PNG) without decoding
+            image.verify()  # checks the file's structure (and checksums, for PNG)
         with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            return image.size
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        log.debug("cannot read %s: %s", path, e)
-        return None
+            return ImageOps.exif_transpose(image).size, None  # exif_transpose decodes the pixels
+    except Image.DecompressionBombError:
+        return None, "decompression bomb (more pixels than PIL's limit)"
+    except PIL_READ_ERRORS as e:
+        log.debug("cannot read %s: %s", path, type(e).__name__)
+        return None, "unreadable image"
 
 
 def _warn_skipped(root: Path, skipped: SkipReport) -> None:
@@ -205,8 +248,8 @@ class ImageFolderDataset:
         try:
             with Image.open(record.path) as image:
                 image = ImageOps.exif_transpose(image).convert("RGB")
-        except (OSError, UnidentifiedImageError) as e:
-            raise ParameterError(f"{record.path}: became unreadable during training ({e})") from e
+        except PIL_READ_ERRORS:
+            raise ParameterError(f"{record.path}: became unreadable during training") from None
         image = fit(image, self.sizes[index], None if self.center_crop else rng)
         if self.random_flip and rng.random() < 0.5:
             image = ImageOps.mirror(image)
