@@ -6,14 +6,18 @@ import codecs
 import errno
 import io
 import json
+import os
 import struct
 import zlib
+from types import SimpleNamespace
 
 import pytest
+import torch
 from PIL import Image
 
 from sdlab.errors import CheckpointError, ParameterError
 from sdlab.train.data import ImageFolderDataset, read_text_file, scan_folder
+from sdlab.train.state import CheckpointManager
 
 
 def write_image(path, size=(24, 16), fmt=None):
@@ -113,3 +117,77 @@ def test_malformed_metadata_lines_are_errors_naming_file_and_line(tmp_path, line
     with pytest.raises(ParameterError, match=rf"metadata.jsonl, line 3: {message}") as error:
         scan_folder(tmp_path)
     assert "SECRET" not in str(error.value) and "\n" not in str(error.value)
+
+
+# ---- checkpoints ----
+
+
+def small_state(n=1000):
+    return {"trained": {"w": torch.arange(float(n))}, "note": "x"}
+
+
+def test_a_full_disk_during_a_checkpoint_is_a_clear_error_that_loses_nothing(tmp_path, monkeypatch):
+    from sdlab.train import state as state_module
+
+    manager = CheckpointManager(tmp_path / "checkpoints", keep_last=2)
+    manager.save(1, small_state())
+    real_save = torch.save
+
+    def disk_fills(obj, path):  # writes part of the file, then fails as torch does on a full disk
+        with open(path, "wb") as f:
+            f.write(b"\0" * 100)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598\nmore")
+
+    monkeypatch.setattr(torch, "save", disk_fills)
+    monkeypatch.setattr(state_module.shutil, "disk_usage", lambda p: SimpleNamespace(free=1024))
+    with pytest.raises(CheckpointError) as error:
+        manager.save(2, small_state())
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'checkpoints'}: no room to save step-00000002.pt: it needs about ")
+    assert "0.0 MB are free; free some space and resume (step-00000001.pt and older checkpoints are intact)" in message
+    assert "\n" not in message
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000001.pt"]  # no temporary left
+    monkeypatch.setattr(torch, "save", real_save)
+    assert manager.load(manager.latest())["step"] == 1
+
+    def enospc(obj, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", enospc)
+    monkeypatch.setattr(state_module.shutil, "disk_usage", lambda p: SimpleNamespace(free=10**11))
+    with pytest.raises(CheckpointError, match="no room to save step-00000003.pt"):
+        manager.save(3, small_state())  # plenty free now, yet the write said ENOSPC (e.g. a quota)
+
+
+def test_other_save_failures_name_the_folder_and_keep_the_checkpoints(tmp_path, monkeypatch):
+    manager = CheckpointManager(tmp_path / "checkpoints", keep_last=2)
+    manager.save(1, small_state())
+
+    def broken(obj, path):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(CheckpointError, match=r"could not save step-00000002.pt \(Input/output error\); step-0000"):
+        manager.save(2, small_state())
+
+
+def test_stale_temporaries_are_removed_at_start_and_never_resumed_from(tmp_path):
+    from sdlab.train import TrainConfig, Trainer
+
+    folder = tmp_path / "images"
+    for i in range(2):
+        write_image(folder / f"{i}.png", size=(16, 16))
+        (folder / f"{i}.txt").write_text("a red square")
+    config = dict(model="tiny", data=str(folder), resolution=16, batch_size=2, save_every=0, progress_bar=False,
+                  export_layouts=(), output_dir=str(tmp_path / "run"))
+    Trainer(TrainConfig(steps=1, **config)).run()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    stale = [".step-00000005.pt.k2j_9x0a.tmp", ".step-00000009.pt.zzzzzzzz.tmp"]  # newer steps than the real one
+    others = [".step-00000005.pt.tmp", "step-00000005.pt.abc.tmp", ".notes.tmp", "notes.txt"]  # not ours
+    for name in stale + others:
+        (checkpoints / name).write_bytes(b"\0" * 10)
+    manager = CheckpointManager(checkpoints, keep_last=3)
+    assert manager.latest().name == "step-00000001.pt"  # temporaries are never candidates for a resume
+    resumed = Trainer(TrainConfig(steps=2, **config))
+    assert resumed.step == 1
+    assert sorted(p.name for p in checkpoints.iterdir()) == sorted(others + ["step-00000001.pt"])

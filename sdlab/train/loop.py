@@ -140,6 +140,8 @@ class Trainer:
         self.step_rng = torch.Generator().manual_seed(config.seed + 1)
         self.objective = self._wrap(self.task.objective)
         self.checkpoints = CheckpointManager(self.out / "checkpoints", config.keep_last)
+        if self.dist.is_main:
+            self.checkpoints.remove_stale_temporaries()  # of a save killed part-way in an earlier run
         self.loss_log = LossLog(self.out / "loss.jsonl")
         self.step = 0
         self.last_metrics: dict[str, float] = {}
