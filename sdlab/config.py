@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from .errors import ParameterError
 
@@ -220,6 +221,9 @@ class ModelConfig:
     prediction: Prediction = "epsilon"
     default_size: int = 512  # the image side the model was trained at
     default_guidance: float = 7.0  # the CFG scale generation uses when none is given
+    # The configs of networks beyond the three above, by component name (SDXL: "text_encoder_2"), as
+    # (name, frozen config) pairs so that the config stays hashable; a mapping given here is stored so.
+    extra_networks: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self):
         if not isinstance(self.name, str):
@@ -232,13 +236,53 @@ class ModelConfig:
                 raise ParameterError(f"ModelConfig.{name} must be a {cls.__name__}{_got(getattr(self, name))}")
         _check_ints(self, default_size="default_size")
         _check_number(self, "default_guidance", 0.0, 100.0, low_inclusive=True)
+        _set_tuple(self, "extra_networks", _check_extra_networks(self.extra_networks))
 
     @property
     def is_inpainting(self) -> bool:
         return self.unet.in_channels == 9
 
+    @property
+    def networks(self) -> dict[str, Any]:
+        """Every network's config by component name: text_encoder, unet, vae, then the extra ones."""
+        return {**{name: getattr(self, name) for name in NETWORK_FIELDS}, **dict(self.extra_networks)}
+
+    def network(self, name: str) -> Any:
+        """The config of the network `name` (a component name of the model's family)."""
+        networks = self.networks
+        if name not in networks:
+            raise ParameterError(f"ModelConfig has no network {name!r}; it has {list(networks)}")
+        return networks[name]
+
+    @staticmethod
+    def network_fields(networks: Mapping[str, Any]) -> dict[str, Any]:
+        """ModelConfig(...) keyword arguments for network configs by component name: the three with
+        fields of their own, the others as `extra_networks`."""
+        fields: dict[str, Any] = {name: cfg for name, cfg in networks.items() if name in NETWORK_FIELDS}
+        extra = tuple((name, cfg) for name, cfg in networks.items() if name not in NETWORK_FIELDS)
+        return {**fields, **({"extra_networks": extra} if extra else {})}
+
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+
+NETWORK_FIELDS = ("text_encoder", "unet", "vae")  # the networks every family so far has, as fields
+
+
+def _check_extra_networks(value) -> tuple[tuple[str, Any], ...]:
+    pairs = tuple(value.items()) if isinstance(value, Mapping) else value
+    if not isinstance(pairs, (tuple, list)) or not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pairs):
+        raise ParameterError("ModelConfig.extra_networks must be (component name, config) pairs or a mapping")
+    names = [name for name, _ in pairs]
+    if not all(isinstance(n, str) and n not in NETWORK_FIELDS for n in names) or len(set(names)) != len(names):
+        raise ParameterError("ModelConfig.extra_networks names must be distinct component names other than "
+                             f"{', '.join(NETWORK_FIELDS)} (those are fields)")
+    for name, cfg in pairs:
+        frozen = dataclasses.is_dataclass(cfg) and not isinstance(cfg, type) and cfg.__dataclass_params__.frozen
+        if not frozen:
+            raise ParameterError(f"ModelConfig.extra_networks[{name!r}] must be a frozen config dataclass"
+                                 f"{_got(cfg)}")
+    return tuple((name, cfg) for name, cfg in pairs)
 
 
 # --- validation helpers -----------------------------------------------------------------------------------

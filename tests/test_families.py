@@ -11,10 +11,13 @@ from test_checkpoints_support import TINY_SD1, TINY_SD2, reference_state_dicts
 
 from sdlab import families
 from sdlab.checkpoints import diffusers_to_ldm, load_checkpoint, read_checkpoint, save_diffusers, save_single_file
+from sdlab.checkpoints import configs
+from sdlab.checkpoints.diffusers_folder import read_folder_config
 from sdlab.checkpoints.single_file import CONFIG_KEY
-from sdlab.config import PRESETS, SD15, TINY
+from sdlab.config import PRESETS, SD15, TINY, TextEncoderConfig
 from sdlab.errors import CheckpointError, ParameterError
 from sdlab.model import Model
+from sdlab.nn.clip import TextEncoder
 
 
 def test_every_preset_belongs_to_the_family_that_lists_it():
@@ -83,3 +86,69 @@ def test_saving_needs_a_state_dict_for_every_component(tmp_path):
     del states["vae"]
     with pytest.raises(ParameterError, match=r"components \['text_encoder', 'unet', 'vae'\]"):
         save_diffusers(tmp_path / "m", TINY_SD1, states)
+
+
+# --- a family with a second text encoder (as SDXL has), declared only in its own module ----------------
+
+
+class TwoTextEncoders(families.sd1.SD1):
+    """SD 1.x with a second CLIP (`text_encoder_2`, its own `tokenizer_2` padding with "!"): what SDXL adds."""
+
+    name = "two-te"
+    components = {
+        **families.sd1.COMPONENTS,
+        "text_encoder_2": dataclasses.replace(
+            families.sd1.COMPONENTS["text_encoder"], name="text_encoder_2", tokenizer="tokenizer_2",
+            build=lambda c: TextEncoder(c.network("text_encoder_2")),
+        ),
+    }
+
+    def matches_folder(self, index, component_configs):
+        return "text_encoder_2" in index
+
+
+TWO_TE = TINY.replace(
+    name="tiny-two-te", family="two-te",
+    extra_networks={"text_encoder_2": TextEncoderConfig(width=48, num_layers=2, num_heads=4, mlp_width=96,
+                                                       pad_token_id=0)},
+)
+
+
+@pytest.fixture
+def two_text_encoders(monkeypatch):
+    family = TwoTextEncoders()
+    monkeypatch.setattr(families, "_REGISTERED", (*families._REGISTERED, family))
+    monkeypatch.setitem(families.FAMILIES, family.name, family)
+    monkeypatch.setattr(families, "NOT_SUPPORTED_COMPONENTS", {})
+    return family
+
+
+def test_extra_networks_keep_the_config_hashable_and_readable_by_name():
+    assert hash(TWO_TE) == hash(TWO_TE.replace())
+    assert TWO_TE.network("text_encoder_2").width == 48 and TWO_TE.network("unet") is TWO_TE.unet
+    assert list(TWO_TE.networks) == ["text_encoder", "unet", "vae", "text_encoder_2"]
+    with pytest.raises(ParameterError, match="no network 'text_encoder_2'"):
+        TINY.network("text_encoder_2")
+    with pytest.raises(ParameterError, match="extra_networks names must be distinct component names"):
+        TINY.replace(extra_networks={"unet": TINY.unet})
+    with pytest.raises(ParameterError, match=r"extra_networks\['x'\] must be a frozen config dataclass"):
+        TINY.replace(extra_networks={"x": {"width": 3}})
+
+
+def test_config_json_has_extra_networks_only_when_there_are_any(two_text_encoders):
+    assert "extra_networks" not in json.loads(configs.config_to_json(TINY))
+    text = configs.config_to_json(TWO_TE)
+    assert json.loads(text)["extra_networks"]["text_encoder_2"]["width"] == 48
+    assert configs.config_from_json(text, "t") == TWO_TE
+
+
+def test_a_family_with_a_second_text_encoder_round_trips_a_diffusers_folder(tmp_path, two_text_encoders):
+    """Its config.json and tokenizer folder are written and read by what the family's component declares."""
+    model = Model.build(TWO_TE)
+    states = {name: net.state_dict() for name, net in model.components.items()}
+    folder = save_diffusers(tmp_path / "m", TWO_TE, states)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["tokenizer_2"] == ["transformers", "CLIPTokenizer"] and index["text_encoder_2"][0] == "transformers"
+    assert json.loads((folder / "text_encoder_2" / "config.json").read_text())["hidden_size"] == 48
+    assert json.loads((folder / "tokenizer_2" / "special_tokens_map.json").read_text())["pad_token"] == "!"
+    assert read_folder_config(folder) == TWO_TE.replace(name="m")

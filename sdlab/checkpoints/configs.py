@@ -345,7 +345,13 @@ def schedule_to_diffusers(cfg: ScheduleConfig, prediction: str) -> dict[str, Any
 
 def config_to_json(config: ModelConfig) -> str:
     """sdlab's own serialisation of a ModelConfig (stored in the metadata of the single files it writes)."""
-    return json.dumps(dataclasses.asdict(config), sort_keys=True)
+    d = dataclasses.asdict(config)
+    # The extra networks as an object by component name, and only when there are any: files of the
+    # families with three networks read as before.
+    extra = d.pop("extra_networks")
+    if extra:
+        d["extra_networks"] = {name: cfg for name, cfg in extra}
+    return json.dumps(d, sort_keys=True)
 
 
 def config_from_json(text: str, where: str, *, default_family: Callable[[], str] | None = None) -> ModelConfig:
@@ -365,6 +371,7 @@ def config_from_json(text: str, where: str, *, default_family: Callable[[], str]
             default_size=d["default_size"],
             # files written before the field existed have none
             default_guidance=d.get("default_guidance", ModelConfig.default_guidance),
+            extra_networks=_extra_networks_from_json(d.get("extra_networks", {}), family),
         )
     except ParameterError as e:  # a field out of range: the message names the field, not its value
         raise CheckpointError(f"{where}: the stored sdlab model config is invalid: {e}") from e
@@ -381,6 +388,14 @@ def config_from_json(text: str, where: str, *, default_family: Callable[[], str]
         raise CheckpointError(f"{where}: the stored sdlab model config names an unknown model family; "
                               f"sdlab has {sorted(families.FAMILIES)}")
     return config
+
+
+def _extra_networks_from_json(d: Mapping[str, Any], family: str) -> tuple[tuple[str, Any], ...]:
+    """The extra networks' configs, each of the config class its family's component declares."""
+    components = families.get_family(family).components if d else {}
+    if not isinstance(d, dict) or not all(name in components for name in d):
+        raise ValueError("extra_networks names a component its family does not have")
+    return tuple((name, _with_tuples(components[name].config_class, cfg)) for name, cfg in d.items())
 
 
 def model_config(where: str, **fields) -> ModelConfig:

@@ -56,41 +56,54 @@ def read_folder(
     folder: Path, *, variant: str | None = None
 ) -> tuple[ModelConfig, dict[str, dict[str, torch.Tensor]], Path | None]:
     """(config, a state dict per network of its family, tokenizer folder or None) of a diffusers folder."""
-    tokenizer_dir = folder / "tokenizer" if os.path.lexists(folder / "tokenizer" / "vocab.json") else None
-    if tokenizer_dir:
-        _check_tokenizer_files(tokenizer_dir)
-    config = read_folder_config(folder, tokenizer_dir)
+    config = read_folder_config(folder)
+    family = families.family_of(config)
     weights = {}
-    for name, component in families.family_of(config).components.items():
+    for name, component in family.components.items():
         tensors = read_component_weights(folder / name, component.weights_name, variant)
         weights[name] = normalize_component_keys(component, tensors)
-    return config, weights, tokenizer_dir
+    return config, weights, tokenizer_dirs(folder, family).get("tokenizer")
 
 
-def read_folder_config(folder: Path, tokenizer_dir: Path | None) -> ModelConfig:
+def read_folder_config(folder: Path) -> ModelConfig:
     """The ModelConfig of a diffusers folder, from its model index and component configs (no weights read)."""
     index = _read_json(folder / MODEL_INDEX)
-    text_file = folder / "text_encoder" / "config.json"
-    text_json = _read_json(text_file) if "text_encoder" in index else {}
-    family = families.detect_folder(index, {"text_encoder": text_json}, str(folder / MODEL_INDEX))
+    # Detection looks at the config.json of the networks the index names (SD 2.x: its text encoder's).
+    known = {name for family in families.FAMILIES.values() for name in family.components}
+    named = {name: _read_json(folder / name / "config.json") for name in index if name in known}
+    family = families.detect_folder(index, named, str(folder / MODEL_INDEX))
     _check_model_index(index, family, folder / MODEL_INDEX)
-    unet_cfg = _read_json(folder / "unet" / "config.json")
-    unet = configs.unet_from_diffusers(unet_cfg, str(folder / "unet" / "config.json"))
-    vae = configs.vae_from_diffusers(_read_json(folder / "vae" / "config.json"), str(folder / "vae" / "config.json"))
-    pad = tokenizer_pad_token_id(tokenizer_dir) if tokenizer_dir else None
-    pad = family.default_pad_token_id if pad is None else pad
-    text = configs.text_encoder_from_transformers(text_json, pad, str(text_file))
+    tokenizers = tokenizer_dirs(folder, family)
+    networks = {}
+    for name, component in family.components.items():
+        where = str(folder / name / "config.json")
+        tokenizer = tokenizers.get(component.tokenizer)
+        pad = tokenizer_pad_token_id(tokenizer) if tokenizer else None
+        pad = family.default_pad_token_id if pad is None else pad
+        networks[name] = component.read_config(named[name], where, pad)
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     scheduler = _read_json(scheduler_file) if os.path.lexists(scheduler_file) else {}
     schedule, prediction = configs.schedule_from_diffusers(scheduler, str(scheduler_file))
+    unet_file = folder / "unet" / "config.json"
     config = configs.model_config(
         str(folder),
-        name=folder.name, family=family.name, text_encoder=text, unet=unet, vae=vae, schedule=schedule,
-        prediction=prediction,
-        default_size=configs.unet_sample_size(unet_cfg, str(folder / "unet" / "config.json")) * vae.downscale,
+        name=folder.name, family=family.name, schedule=schedule, prediction=prediction,
+        default_size=configs.unet_sample_size(named["unet"], str(unet_file)) * networks["vae"].downscale,
         default_guidance=_default_guidance(index, folder / MODEL_INDEX),
+        **ModelConfig.network_fields(networks),
     )
     return configs.named_like_preset(config, folder.name)
+
+
+def tokenizer_dirs(folder: Path, family: Family) -> dict[str, Path]:
+    """The tokenizer folders of the family's text encoders that the folder has (checked), by name."""
+    found = {}
+    for component in family.components.values():
+        tokenizer = component.tokenizer
+        if tokenizer and os.path.lexists(folder / tokenizer / "vocab.json"):
+            _check_tokenizer_files(folder / tokenizer)
+            found[tokenizer] = folder / tokenizer
+    return found
 
 
 def _default_guidance(index: Mapping[str, Any], where: Path) -> float:
@@ -237,14 +250,13 @@ def write_folder(
     suffix = f".{variant}" if variant else ""
     with atomic_folder(folder, overwrite=overwrite) as tmp:
         _write_json(tmp / MODEL_INDEX, _model_index(config))
-        sample = config.default_size // config.vae.downscale
-        _write_json(tmp / "unet" / "config.json", configs.unet_to_diffusers(config.unet, sample))
-        _write_json(tmp / "vae" / "config.json", configs.vae_to_diffusers(config.vae, config.default_size))
-        _write_json(tmp / "text_encoder" / "config.json", configs.text_encoder_to_transformers(config.text_encoder))
         scheduler = configs.schedule_to_diffusers(config.schedule, config.prediction)
         _write_json(tmp / "scheduler" / "scheduler_config.json", scheduler)
-        write_tokenizer(tmp / "tokenizer", config.text_encoder.pad_token_id, config.text_encoder.max_length)
         for name, component in families.family_of(config).components.items():
+            network = config.network(name)
+            _write_json(tmp / name / "config.json", component.write_config(network, config))
+            if component.tokenizer:
+                write_tokenizer(tmp / component.tokenizer, network.pad_token_id, network.max_length)
             tensors = cast(components[name], dtype)
             write_safetensors(tmp / name / f"{component.weights_name}{suffix}.safetensors", tensors, {"format": "pt"})
     return folder
@@ -289,7 +301,7 @@ def _model_index(config: ModelConfig) -> dict[str, Any]:
         "requires_safety_checker": False,
         "safety_checker": [None, None],
         "scheduler": ["diffusers", scheduler],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
+        **{c.tokenizer: ["transformers", "CLIPTokenizer"] for c in family.components.values() if c.tokenizer},
         **{name: [c.library, c.classes[0]] for name, c in family.components.items()},
         **guidance,
     }

@@ -47,14 +47,24 @@ class KeyMap:
 
 @dataclass(frozen=True)
 class Component:
-    """One network of a family: how sdlab builds it, and how a diffusers folder stores it
-    (`<name>/config.json` + weights)."""
+    """One network of a family: how sdlab builds it, its config, and how a diffusers folder stores it
+    (`<name>/config.json` + weights, and the tokenizer folder of a text encoder).
+
+    `read_config(config_json, where, pad_token_id)` turns the folder's config.json into the network's config
+    (`pad_token_id`: the padding token its tokenizer folder names, for text encoders; errors name `where`);
+    `write_config(network_config, model_config)` gives the config.json to write (some need model-wide sizes:
+    the UNet's sample size). The config itself is `model_config.network(name)`.
+    """
 
     name: str  # the sub-folder and the attribute of `Model`: "unet", "vae", "text_encoder", "text_encoder_2"
     build: Callable[[ModelConfig], nn.Module]  # the network of a config (random weights; meta device to load)
     library: str  # what model_index.json names: ("diffusers" | "transformers", class name)
     classes: tuple[str, ...]  # the class names sdlab reads; the first is the one it writes
     weights_name: str  # the weight file's stem: "diffusion_pytorch_model" or "model"
+    config_class: type  # its frozen config dataclass (UNetConfig, VAEConfig, TextEncoderConfig, ...)
+    read_config: Callable[[Mapping[str, Any], str, int | None], Any]
+    write_config: Callable[[Any, ModelConfig], dict[str, Any]]
+    tokenizer: str | None = None  # a text encoder's tokenizer folder: "tokenizer", "tokenizer_2"
 
 
 @dataclass(frozen=True)

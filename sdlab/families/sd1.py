@@ -41,12 +41,34 @@ TINY = ModelConfig(
 
 # SD 1.x and 2.x have the same three networks (their sizes differ, in the config).
 COMPONENTS = {
-    "text_encoder": Component("text_encoder", lambda c: TextEncoder(c.text_encoder), "transformers",
-                              ("CLIPTextModel", "CLIPTextModelWithProjection"), "model"),
-    "unet": Component("unet", lambda c: UNet(c.unet), "diffusers", ("UNet2DConditionModel",),
-                      "diffusion_pytorch_model"),
-    "vae": Component("vae", lambda c: VAE(c.vae), "diffusers", ("AutoencoderKL",), "diffusion_pytorch_model"),
+    "text_encoder": Component(
+        "text_encoder", lambda c: TextEncoder(c.text_encoder), "transformers",
+        ("CLIPTextModel", "CLIPTextModelWithProjection"), "model", TextEncoderConfig,
+        read_config=lambda d, where, pad: _configs().text_encoder_from_transformers(d, pad, where),
+        write_config=lambda cfg, model: _configs().text_encoder_to_transformers(cfg),
+        tokenizer="tokenizer",
+    ),
+    "unet": Component(
+        "unet", lambda c: UNet(c.unet), "diffusers", ("UNet2DConditionModel",), "diffusion_pytorch_model",
+        UNetConfig,
+        read_config=lambda d, where, pad: _configs().unet_from_diffusers(d, where),
+        write_config=lambda cfg, model: _configs().unet_to_diffusers(cfg, model.default_size // model.vae.downscale),
+    ),
+    "vae": Component(
+        "vae", lambda c: VAE(c.vae), "diffusers", ("AutoencoderKL",), "diffusion_pytorch_model", VAEConfig,
+        read_config=lambda d, where, pad: _configs().vae_from_diffusers(d, where),
+        write_config=lambda cfg, model: _configs().vae_to_diffusers(cfg, model.default_size),
+    ),
 }
+
+
+def _configs():
+    """The config.json translators (imported on use: `sdlab.checkpoints` imports the families)."""
+    from ..checkpoints import configs
+
+    return configs
+
+
 PIPELINES = {"txt2img": "StableDiffusionPipeline", "inpaint": "StableDiffusionInpaintPipeline"}
 
 
