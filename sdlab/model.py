@@ -33,11 +33,13 @@ class Model:
     """The networks of one Stable Diffusion checkpoint. Plain container: no sampling logic lives here.
 
     `components` holds the networks by the names the family declares; `model.unet`, `model.vae`,
-    `model.text_encoder` (and any other component) read and replace them as attributes.
+    `model.text_encoder` (and any other component) read and replace them as attributes. `tokenizers` holds
+    each text encoder's tokenizer by its folder name ("tokenizer", SDXL's "tokenizer_2"); `model.tokenizer`
+    is the first text encoder's.
     """
 
     config: ModelConfig
-    tokenizer: CLIPTokenizer
+    tokenizers: dict[str, CLIPTokenizer]
     components: dict[str, nn.Module]
     source: Path | None = None  # the file or folder it was loaded from
     # Opt-in: decode with a tiny VAE decoder (TAESD, `sdlab.nn.tiny_vae.load_tiny_decoder`) instead of `vae`.
@@ -56,12 +58,16 @@ class Model:
         else:
             super().__setattr__(name, value)
 
+    @property
+    def tokenizer(self) -> CLIPTokenizer:
+        return next(iter(self.tokenizers.values()))
+
     @classmethod
     def build(cls, config: ModelConfig, *, device="cpu", dtype=torch.float32) -> Model:
         """A model with freshly initialised (random) weights."""
         with torch.device(device):
             nets = _networks(config)
-        model = cls(config, _default_tokenizer(config), nets)
+        model = cls(config, _tokenizers(config, {}), nets)
         return model.to(dtype=dtype)
 
     @classmethod
@@ -86,10 +92,7 @@ class Model:
         check_weights_fit(nets, ckpt)
         for name, net in nets.items():
             _assign(net, ckpt.weights[name], dtype, device, where=f"{ckpt.source} ({name})")
-        tokenizer = (
-            CLIPTokenizer.from_folder(ckpt.tokenizer_dir) if ckpt.tokenizer_dir else _default_tokenizer(ckpt.config)
-        )
-        return cls(ckpt.config, tokenizer, nets, source=Path(ckpt.source))
+        return cls(ckpt.config, _tokenizers(ckpt.config, ckpt.tokenizer_dirs), nets, source=Path(ckpt.source))
 
     @classmethod
     def from_name(cls, name: str | Path | None = None, **load_options) -> Model:
@@ -205,9 +208,18 @@ def _names(keys: list[str], shown: int = 5) -> str:
     return "[" + ", ".join(quoted_key(k) for k in keys[:shown]) + (", ..." if len(keys) > shown else "") + "]"
 
 
-def _default_tokenizer(config: ModelConfig) -> CLIPTokenizer:
-    text = config.text_encoder
-    return CLIPTokenizer.default(pad_token_id=text.pad_token_id, max_length=text.max_length)
+def _tokenizers(config: ModelConfig, folders: dict[str, Path]) -> dict[str, CLIPTokenizer]:
+    """The tokenizer of each of the family's text encoders, by its folder name: read from `folders` where
+    the checkpoint has one, else CLIP's own vocabulary with the text encoder's padding and length."""
+    tokenizers = {}
+    for name, component in families.family_of(config).components.items():
+        if component.tokenizer in folders:
+            tokenizers[component.tokenizer] = CLIPTokenizer.from_folder(folders[component.tokenizer])
+        elif component.tokenizer:
+            text = config.network(name)
+            tokenizers[component.tokenizer] = CLIPTokenizer.default(pad_token_id=text.pad_token_id,
+                                                                    max_length=text.max_length)
+    return tokenizers
 
 
 def _assign(net: nn.Module, state: dict[str, torch.Tensor], dtype, device, *, where: str) -> None:

@@ -152,3 +152,15 @@ def test_a_family_with_a_second_text_encoder_round_trips_a_diffusers_folder(tmp_
     assert json.loads((folder / "text_encoder_2" / "config.json").read_text())["hidden_size"] == 48
     assert json.loads((folder / "tokenizer_2" / "special_tokens_map.json").read_text())["pad_token"] == "!"
     assert read_folder_config(folder) == TWO_TE.replace(name="m")
+
+
+def test_a_model_has_a_tokenizer_per_text_encoder_loaded_from_its_folder(tmp_path, two_text_encoders):
+    built = Model.build(TWO_TE)
+    assert list(built.tokenizers) == ["tokenizer", "tokenizer_2"] and built.tokenizer is built.tokenizers["tokenizer"]
+    folder = built.save(tmp_path / "m")
+    loaded = Model.load(folder)
+    assert list(loaded.tokenizers) == ["tokenizer", "tokenizer_2"]
+    pads = [t(["a"], max_length=8)[0, -1].item() for t in loaded.tokenizers.values()]
+    assert pads == [49407, 0]  # tokenizer_2 pads with "!", as its text encoder's config says
+    assert load_checkpoint(folder).tokenizer_dirs == {"tokenizer": folder / "tokenizer",
+                                                      "tokenizer_2": folder / "tokenizer_2"}

@@ -52,8 +52,14 @@ class LoadedCheckpoint:
 
     config: ModelConfig
     weights: dict[str, StateDict]
-    tokenizer_dir: Path | None  # the folder's tokenizer/, or None (single files carry none)
+    # The folder's tokenizer folders by name ("tokenizer", "tokenizer_2"), those it has (single files: none).
+    tokenizer_dirs: dict[str, Path]
     source: Path
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        """The first text encoder's tokenizer folder, or None."""
+        return next(iter(self.tokenizer_dirs.values()), None)
 
     def __getattr__(self, name: str) -> StateDict:
         weights = self.__dict__.get("weights", {})
@@ -80,15 +86,15 @@ def load_checkpoint(
     path = Path(path)
     _check_prediction(prediction)
     if stat.S_ISDIR(check_path(path).st_mode):  # (a missing path or a symlink loop is reported here)
-        config, weights, tokenizer_dir = _load_folder(path, family, prediction, variant)
+        config, weights, tokenizer_dirs = _load_folder(path, family, prediction, variant)
     else:
         if variant:
             log.warning("%s: variant=%r ignored: it applies to diffusers folders only", path, variant)
         config, weights = read_single_file(path, family=family, prediction=prediction)
-        tokenizer_dir = None
+        tokenizer_dirs = {}
     weights = {name: cast(sd, dtype) for name, sd in weights.items()}
     log.info("loaded %s as %s (%s)", path, config.name, config.prediction)
-    return LoadedCheckpoint(config, weights, tokenizer_dir, path)
+    return LoadedCheckpoint(config, weights, tokenizer_dirs, path)
 
 
 def save_diffusers(
@@ -133,12 +139,12 @@ def _load_folder(path: Path, family, prediction, variant):
         raise CheckpointError(
             f"{path}: a folder without model_index.json; give a diffusers folder or a single checkpoint file"
         )
-    config, weights, tokenizer_dir = read_folder(path, variant=variant)
+    config, weights, tokenizer_dirs = read_folder(path, variant=variant)
     if family is not None:
         config = resolve_family(family)
     if prediction:
         config = config.replace(prediction=prediction)
-    return config, weights, tokenizer_dir
+    return config, weights, tokenizer_dirs
 
 
 def _check_prediction(prediction: str | None) -> None:

@@ -54,15 +54,16 @@ def is_diffusers_folder(path: Path) -> bool:
 
 def read_folder(
     folder: Path, *, variant: str | None = None
-) -> tuple[ModelConfig, dict[str, dict[str, torch.Tensor]], Path | None]:
-    """(config, a state dict per network of its family, tokenizer folder or None) of a diffusers folder."""
+) -> tuple[ModelConfig, dict[str, dict[str, torch.Tensor]], dict[str, Path]]:
+    """(config, a state dict per network of its family, the tokenizer folders it has by name) of a diffusers
+    folder."""
     config = read_folder_config(folder)
     family = families.family_of(config)
     weights = {}
     for name, component in family.components.items():
         tensors = read_component_weights(folder / name, component.weights_name, variant)
         weights[name] = normalize_component_keys(component, tensors)
-    return config, weights, tokenizer_dirs(folder, family).get("tokenizer")
+    return config, weights, tokenizer_dirs(folder, family)
 
 
 def read_folder_config(folder: Path) -> ModelConfig:
