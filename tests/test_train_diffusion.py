@@ -116,9 +116,9 @@ def test_training_lowers_the_loss_on_a_fixed_batch(tmp_path):
 def test_caption_dropout_trains_on_the_empty_prompt(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, caption_dropout=1.0))
     batch, noise = trainer._next_micro_batch()
-    _, ids, _, _ = trainer.task.inputs(batch, noise, 0)
+    _, conditions, _, _ = trainer.task.inputs(batch, noise, 0)
     empty = trainer.model.tokenizer([""] * 2)
-    assert torch.equal(ids, empty)
+    assert torch.equal(conditions["text_encoder"], empty)
 
 
 def test_bf16_autocast_matches_fp32_loosely(tmp_path):
@@ -163,3 +163,21 @@ def test_sample_grid_and_loss_plot(tmp_path):
     assert grid.size == (64, 32)
     plot = Image.open(tmp_path / "run" / "loss.png")
     assert plot.size == (640, 360)
+
+
+def test_training_builds_its_conditioning_with_the_familys_conditioner(tmp_path, monkeypatch):
+    """The objective's conditioning is what the family's conditioner gives for the captions (as train
+    sampling's is), and per-sample extra conditions from the data reach the family."""
+    trainer = Trainer(tiny_config(tmp_path, steps=1))
+    family, model = trainer.task.family, trainer.model
+    batch, noise = trainer._next_micro_batch()
+    seen = []
+    plain = family.conditioner_inputs
+    monkeypatch.setattr(family, "conditioner_inputs", lambda m, p, extras=None: seen.append(extras) or plain(m, p))
+    batch = {**batch, "conditions": [{"original_size": (64, 64)}] * len(batch["caption"])}
+    _, conditions, _, _ = trainer.task.inputs(batch, noise, 0)
+    assert seen == [batch["conditions"]]
+    with torch.no_grad():
+        cond = trainer.task.objective.condition(conditions)
+        expected = family.condition_from_inputs(model.components, plain(model, list(batch["caption"])))
+    assert torch.equal(cond.context, expected.context)

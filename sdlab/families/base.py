@@ -10,7 +10,7 @@ which family a model is.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,6 +129,25 @@ class Family:
         """The family's conditioner: B prompts -> the `Conditioning` its denoising network takes (on the
         model's device and dtype). Negative prompts are conditioned the same way."""
         raise NotImplementedError
+
+    def conditioner_inputs(
+        self, model, prompts: list[str], extras: Sequence[Mapping[str, Any]] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """What the conditioner needs for B plain prompts (no prompt syntax; each text encoder's own context
+        length, which small trained models may keep under 77) and their per-sample extra conditions (SDXL:
+        original size, crop), as batch tensors on the model's device: training slices them per process and
+        hands them to `condition_from_inputs` inside its objective. SD 1.x/2.x: {"text_encoder": ids (B, T)}."""
+        raise NotImplementedError
+
+    def condition_from_inputs(self, networks: Mapping[str, nn.Module], inputs: Mapping[str, torch.Tensor]) -> Conditioning:
+        """The `Conditioning` of `conditioner_inputs(...)`, computed by `networks` by component name (the
+        model's, or those a training objective holds, so gradients reach a text encoder being trained)."""
+        raise NotImplementedError
+
+    @property
+    def text_encoders(self) -> list[str]:
+        """The components that encode prompts: those with a tokenizer."""
+        return [name for name, c in self.components.items() if c.tokenizer]
 
     def pipeline_class(self, config: ModelConfig) -> str:
         return self.pipelines["inpaint" if config.is_inpainting else "txt2img"]

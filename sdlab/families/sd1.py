@@ -115,10 +115,26 @@ class SD1(Family):
     def condition(self, model, prompts: list[str], clip_skip: int = 1) -> Conditioning:
         return text_conditioning(model, prompts, clip_skip)
 
+    def conditioner_inputs(self, model, prompts, extras=None) -> dict[str, torch.Tensor]:
+        return token_ids(model, prompts)
+
+    def condition_from_inputs(self, networks, inputs) -> Conditioning:
+        return context_of_ids(networks, inputs)
+
 
 def text_conditioning(model, prompts: list[str], clip_skip: int = 1) -> Conditioning:
     """SD 1.x/2.x condition on the text encoder's hidden states only: context (B, 77 N, D)."""
     return Conditioning(context=encode_prompts(model, prompts, clip_skip))
+
+
+def token_ids(model, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """SD 1.x/2.x: the text encoder's token ids (B, T), T its own context length; no extra conditions."""
+    ids = model.tokenizer(prompts, max_length=model.config.text_encoder.max_length)
+    return {"text_encoder": ids.to(model.device)}
+
+
+def context_of_ids(networks: Mapping[str, torch.nn.Module], inputs: Mapping[str, torch.Tensor]) -> Conditioning:
+    return Conditioning(context=networks["text_encoder"](inputs["text_encoder"]))  # context (B, T, D)
 
 
 def is_sd_pipeline(index: Mapping[str, Any]) -> bool:

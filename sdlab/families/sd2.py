@@ -23,7 +23,7 @@ from ..config import ModelConfig, TextEncoderConfig, UNetConfig
 from . import ldm
 from ..diffusion.conditioning import Conditioning
 from .base import Family, KeyMap
-from .sd1 import COMPONENTS, PIPELINES, is_sd_pipeline, text_conditioning
+from .sd1 import COMPONENTS, PIPELINES, context_of_ids, is_sd_pipeline, text_conditioning, token_ids
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,12 @@ class SD2(Family):
 
     def condition(self, model, prompts: list[str], clip_skip: int = 1) -> Conditioning:
         return text_conditioning(model, prompts, clip_skip)
+
+    def conditioner_inputs(self, model, prompts, extras=None) -> dict[str, torch.Tensor]:
+        return token_ids(model, prompts)
+
+    def condition_from_inputs(self, networks, inputs) -> Conditioning:
+        return context_of_ids(networks, inputs)
 
 
 def openclip_keymap(cfg: TextEncoderConfig) -> KeyMap:

@@ -17,6 +17,7 @@ process with the same global batch computes, and a resumed run draws what the or
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ from torch import nn
 
 from ..diffusion.conditioning import Conditioning, run_network
 from ..diffusion.schedules import NoiseSchedule
-from ..nn.clip import TextEncoder
+from ..families import Family
 from ..nn.unet import UNet
 
 
@@ -82,25 +83,31 @@ def target(x0: torch.Tensor, noise: torch.Tensor, alphas: torch.Tensor, predicti
 class DiffusionObjective(nn.Module):
     """The diffusion loss as a module, so DistributedDataParallel can wrap everything that trains.
 
-    forward(latents (B, C, h, w) scaled x_0, ids (B, T) token ids, timesteps (B,), noise (B, C, h, w))
-        -> (loss, {"loss": per-batch mean before weighting})
+    forward(latents (B, C, h, w) scaled x_0, conditions (the family's `conditioner_inputs`: token ids (B, T)
+    by text encoder, ...), timesteps (B,), noise (B, C, h, w)) -> (loss, {"mse": per-batch mean before weighting})
+    The conditioning is built from `conditions` by the family's conditioner, as generation's is.
     `extra` holds further trained modules (LoRA adapters) so that DDP sees their parameters.
     """
 
-    def __init__(self, unet: UNet, text_encoder: TextEncoder, schedule: NoiseSchedule, prediction: str, *,
-                 min_snr_gamma: float = 0.0, train_text_encoder: bool = False, extra: nn.Module | None = None):
+    def __init__(self, unet: UNet, family: Family, text_encoders: Mapping[str, nn.Module], schedule: NoiseSchedule,
+                 prediction: str, *, min_snr_gamma: float = 0.0, train_text_encoder: bool = False,
+                 extra: nn.Module | None = None):
         super().__init__()
-        self.unet, self.text_encoder, self.extra = unet, text_encoder, extra
+        self.unet, self.family, self.extra = unet, family, extra
+        for name, network in text_encoders.items():  # by component name, so parameter names stay "text_encoder.*"
+            self.add_module(name, network)
+        self.text_encoder_names = tuple(text_encoders)
         self.register_buffer("alphas_cumprod", schedule.alphas_cumprod.clone(), persistent=False)
         self.prediction, self.min_snr_gamma, self.train_text_encoder = prediction, min_snr_gamma, train_text_encoder
 
-    def encode_text(self, ids: torch.Tensor) -> Conditioning:
+    def condition(self, conditions: Mapping[str, torch.Tensor]) -> Conditioning:
+        networks = {name: getattr(self, name) for name in self.text_encoder_names}
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
-            return Conditioning(context=self.text_encoder(ids))  # context (B, T, D)
+            return self.family.condition_from_inputs(networks, conditions)
 
-    def forward(self, latents, ids, timesteps, noise):
+    def forward(self, latents, conditions, timesteps, noise):
         alphas = self.alphas_cumprod[timesteps]  # (B,)
-        prediction = run_network(self.unet, noised(latents, noise, alphas), timesteps, self.encode_text(ids))
+        prediction = run_network(self.unet, noised(latents, noise, alphas), timesteps, self.condition(conditions))
         goal = target(latents, noise, alphas, self.prediction)
         per_sample = (prediction.float() - goal.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
         weighted = per_sample * snr_weights(alphas, self.min_snr_gamma, self.prediction)

@@ -14,7 +14,7 @@ from ..diffusion.conditioning import Conditioning
 from ..diffusion.denoisers import GuidedDenoiser, ModelDenoiser
 from ..diffusion.registry import get_sampler
 from ..diffusion.schedules import NoiseSchedule
-from ..families import latent_format
+from ..families import family_of, latent_format
 
 
 @torch.no_grad()
@@ -38,8 +38,9 @@ def sample_images(model, prompts: list[str], *, size: int, steps: int, guidance:
 
 
 def _context(model, prompts: list[str]) -> Conditioning:
-    ids = model.tokenizer(prompts, max_length=model.config.text_encoder.max_length)
-    return Conditioning(context=model.text_encoder(ids.to(model.device)))  # context (n, T, D)
+    """The conditioning of plain prompts, built as the training objective builds it (the family's conditioner)."""
+    family = family_of(model.config)
+    return family.condition_from_inputs(model.components, family.conditioner_inputs(model, prompts))
 
 
 def _to_pil(pixels: torch.Tensor) -> Image.Image:

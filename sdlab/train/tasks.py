@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..diffusion.schedules import NoiseSchedule
-from ..families import latent_format
+from ..families import family_of, latent_format
 from ..lora import LoRANetwork, inject_lora
 from ..model import Model
 from .config import TrainConfig
@@ -49,8 +49,10 @@ class DiffusionTask:
                 self.trained["text_encoder"] = _train(model.text_encoder)
         self.frozen = {n: net for n, net in model.components.items() if n not in self.trained}
         grad_through_text = config.train_text_encoder or (config.uses_lora and config.lora_text_encoder)
+        self.family = family_of(model.config)
+        text_encoders = {name: model.components[name] for name in self.family.text_encoders}
         self.objective = DiffusionObjective(
-            model.unet, model.text_encoder, self.schedule, model.config.prediction,
+            model.unet, self.family, text_encoders, self.schedule, model.config.prediction,
             min_snr_gamma=config.min_snr_gamma, train_text_encoder=grad_through_text, extra=self.lora,
         )
 
@@ -66,8 +68,9 @@ class DiffusionTask:
         device = self.model.device
         latents = self._latents(batch, noise.posterior.to(device))
         captions = ["" if drop else text for text, drop in zip(batch["caption"], noise.drop_caption.tolist())]
-        ids = self.model.tokenizer(captions, max_length=self.model.config.text_encoder.max_length).to(device)
-        return latents, ids, noise.timesteps.to(device), noise.noise.to(device, latents.dtype)
+        # Per-sample extra conditions (SDXL: original size, crop) where the data source gives them.
+        conditions = self.family.conditioner_inputs(self.model, captions, batch.get("conditions"))
+        return latents, conditions, noise.timesteps.to(device), noise.noise.to(device, latents.dtype)
 
     @torch.no_grad()
     def _latents(self, batch: dict, posterior: torch.Tensor) -> torch.Tensor:
