@@ -196,7 +196,7 @@ def unet_flop(folder: str, size: int, batch: int = 2) -> float:
     from sdlab.checkpoints.diffusers_folder import read_folder_config
     from sdlab.nn.unet import UNet
 
-    config = read_folder_config(Path(folder), None)
+    config = read_folder_config(Path(folder))
     f = config.vae.downscale
     with torch.device("meta"):
         unet = UNet(config.unet)
