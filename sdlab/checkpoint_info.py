@@ -12,6 +12,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
+from . import families
 from .checkpoints import load_checkpoint
 from .fingerprint import checkpoint_sha256, hashed_files, short_hash
 from .model import check_checkpoint
@@ -24,6 +25,7 @@ def describe_checkpoint(path: str | os.PathLike, *, hash_files: bool = True) -> 
     check_checkpoint(ckpt)
     config = ckpt.config
     weights = ckpt.weights  # a state dict per component of the family
+    text_encoders = families.family_of(config).text_encoders
     info = {
         "path": str(path),
         "layout": "diffusers" if path.is_dir() else "single-file",
@@ -33,7 +35,9 @@ def describe_checkpoint(path: str | os.PathLike, *, hash_files: bool = True) -> 
         "native_size": config.default_size,
         "unet": {"channels": list(config.unet.channels), "in_channels": config.unet.in_channels,
                  "context_dim": config.unet.context_dim, "layers_per_block": config.unet.layers_per_block},
-        "text_encoder": {"width": config.text_encoder.width, "layers": config.text_encoder.num_layers},
+        "text_encoders": text_encoders,  # each also has an entry of its own, by component name
+        **{name: {"width": config.network(name).width, "layers": config.network(name).num_layers}
+           for name in text_encoders},
         "vae": {"channels": list(config.vae.channels), "latent_channels": config.vae.latent_channels,
                 "downscale": config.vae.downscale, "scaling_factor": config.vae.scaling_factor},
         "dtypes": {name: _dtypes(sd) for name, sd in weights.items()},
@@ -71,7 +75,7 @@ def format_info(info: dict) -> str:
         f"native size: {info['native_size']}x{info['native_size']}",
         (f"unet:        channels {info['unet']['channels']}, in_channels {info['unet']['in_channels']}, "
          f"context {info['unet']['context_dim']}"),
-        f"text enc.:   width {info['text_encoder']['width']}, {info['text_encoder']['layers']} layers",
+        *[f"{_label(n)}width {info[n]['width']}, {info[n]['layers']} layers" for n in info["text_encoders"]],
         (f"vae:         channels {info['vae']['channels']}, downscale {info['vae']['downscale']}, "
          f"scaling {info['vae']['scaling_factor']}"),
         "dtypes:      " + "; ".join(f"{k} {_fmt_counts(v)}" for k, v in info["dtypes"].items()),
@@ -80,6 +84,12 @@ def format_info(info: dict) -> str:
     if "sha256" in info:
         lines.append(f"sha256:      {info['sha256']} (short hash {info['hash']})")
     return "\n".join(lines)
+
+
+def _label(name: str) -> str:
+    """'text_encoder' -> 'text enc.:   ', 'text_encoder_2' -> 'text enc. 2: ' (aligned with the other lines)."""
+    number = name.removeprefix("text_encoder").removeprefix("_")
+    return f"text enc.{' ' + number if number else ''}:".ljust(13)
 
 
 def _fmt_counts(counts: dict[str, int]) -> str:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from . import families
 from .config import ModelConfig
 from .diffusion.registry import get_sampler
 from .params import GenerationParams
@@ -56,7 +57,7 @@ class CostModel:
     unet: NetworkCost  # one evaluation, batch 1
     decode: NetworkCost  # VAE decoder, one image
     encode: NetworkCost  # VAE encoder, one image
-    text_chunk: float  # text encoder, one 77-token chunk
+    text_chunk: float  # the text encoders (all of the family's), one 77-token chunk
 
     def request_flops(self, config: ModelConfig, params: GenerationParams, *, n_iter: int = 1,
                       decodes_per_image: int = 1) -> float:
@@ -83,12 +84,13 @@ def unet_evaluations(params: GenerationParams, n_iter: int = 1) -> int:
 @functools.lru_cache(maxsize=16)
 def cost_model(config: ModelConfig) -> CostModel:
     """Count the networks of `config` on the meta device (cached per config)."""
-    from .nn.clip import TextEncoder
     from .nn.unet import UNet
     from .nn.vae import VAE
 
+    family = families.family_of(config)
     with torch.device("meta"):
-        unet, vae, text = UNet(config.unet), VAE(config.vae), TextEncoder(config.text_encoder)
+        unet, vae = UNet(config.unet), VAE(config.vae)
+        texts = [family.components[name].build(config) for name in family.text_encoders]
     step = 2 ** (len(config.unet.channels) - 1)  # the latent must divide through the UNet's down-samplings
     sides = (step, 2 * step, 4 * step)
     pixels = tuple(s * s for s in sides)
@@ -101,7 +103,7 @@ def cost_model(config: ModelConfig) -> CostModel:
     encode_flops = tuple(_count(vae.encode, torch.zeros(1, config.vae.in_channels, s * f, s * f)) for s in sides)
     # (Its input check reads the ids, which meta tensors cannot: 2 FLOP per weight of its linears per token
     # is its cost to within the 77x77 attention, a few percent.)
-    text_flops = 2.0 * 77 * sum(m.weight.numel() for m in text.modules() if isinstance(m, torch.nn.Linear))
+    text_flops = sum(2.0 * 77 * m.weight.numel() for t in texts for m in t.modules() if isinstance(m, torch.nn.Linear))
     return CostModel(NetworkCost.fit(pixels, unet_flops), NetworkCost.fit(pixels, decode_flops),
                      NetworkCost.fit(pixels, encode_flops), text_flops)
 

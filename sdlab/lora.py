@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import families
 from .adapters.patch import WeightPatches, read_weight
 from .checkpoints.atomic import atomic_write
 from .checkpoints.io import read_checkpoint
@@ -41,7 +42,7 @@ from .errors import CheckpointError, ParameterError
 log = logging.getLogger(__name__)
 
 UNET_PREFIX = "lora_unet_"
-TEXT_PREFIX = "lora_te_"
+TEXT_PREFIX = "lora_te_"  # SD 1.x/2.x's one text encoder; each family's components name their own prefix
 # Kohya's default targets: every Linear / 1x1 conv inside the UNet's transformers, and the text encoder's
 # attention and MLP layers.
 UNET_TARGET_PARENT = "attentions"
@@ -77,10 +78,17 @@ def adaptable_modules(model) -> dict[str, nn.Module]:
             ldm = _ldm_path(path, to_ldm)
             if ldm is not None:
                 names.setdefault(kohya_name(UNET_PREFIX, ldm), module)
-    for path, module in model.text_encoder.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            names[kohya_name(TEXT_PREFIX, path)] = module
+    for prefix, text_encoder in text_encoders(model).items():
+        for path, module in text_encoder.named_modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                names[kohya_name(prefix, path)] = module
     return names
+
+
+def text_encoders(model) -> dict[str, nn.Module]:
+    """The model's text encoders by the kohya prefix its family gives each ("lora_te_"; SDXL "lora_te1_"...)."""
+    family = families.family_of(model.config)
+    return {family.components[name].lora_prefix: getattr(model, name) for name in family.text_encoders}
 
 
 def default_targets(model, *, text_encoder: bool = False) -> dict[str, nn.Module]:
@@ -89,10 +97,10 @@ def default_targets(model, *, text_encoder: bool = False) -> dict[str, nn.Module
     for path, module in model.unet.named_modules():
         if f".{UNET_TARGET_PARENT}." in f".{path}" and _is_pointwise(module):
             targets[kohya_name(UNET_PREFIX, path)] = module
-    if text_encoder:
-        for path, module in model.text_encoder.named_modules():
+    for prefix, network in (text_encoders(model).items() if text_encoder else ()):
+        for path, module in network.named_modules():
             if isinstance(module, nn.Linear) and any(f".{p}." in f".{path}" for p in TEXT_TARGET_PARENTS):
-                targets[kohya_name(TEXT_PREFIX, path)] = module
+                targets[kohya_name(prefix, path)] = module
     return targets
 
 

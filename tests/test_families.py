@@ -8,16 +8,21 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from test_checkpoints_support import TINY_SD1, TINY_SD2, reference_state_dicts
+from test_train_diffusion import tiny_config
 
 from sdlab import families
 from sdlab.checkpoints import diffusers_to_ldm, load_checkpoint, read_checkpoint, save_diffusers, save_single_file
+from sdlab.checkpoint_info import describe_checkpoint, format_info
 from sdlab.checkpoints import configs
 from sdlab.checkpoints.diffusers_folder import read_folder_config
 from sdlab.checkpoints.single_file import CONFIG_KEY
 from sdlab.config import PRESETS, SD15, TINY, TextEncoderConfig
+from sdlab.cost import cost_model
 from sdlab.errors import CheckpointError, ParameterError
+from sdlab.lora import adaptable_modules, default_targets
 from sdlab.model import Model
 from sdlab.nn.clip import TextEncoder
+from sdlab.train.tasks import DiffusionTask
 
 
 def test_every_preset_belongs_to_the_family_that_lists_it():
@@ -99,7 +104,7 @@ class TwoTextEncoders(families.sd1.SD1):
         **families.sd1.COMPONENTS,
         "text_encoder_2": dataclasses.replace(
             families.sd1.COMPONENTS["text_encoder"], name="text_encoder_2", tokenizer="tokenizer_2",
-            build=lambda c: TextEncoder(c.network("text_encoder_2")),
+            build=lambda c: TextEncoder(c.network("text_encoder_2")), lora_prefix="lora_te2_",
         ),
     }
 
@@ -164,3 +169,35 @@ def test_a_model_has_a_tokenizer_per_text_encoder_loaded_from_its_folder(tmp_pat
     assert pads == [49407, 0]  # tokenizer_2 pads with "!", as its text encoder's config says
     assert load_checkpoint(folder).tokenizer_dirs == {"tokenizer": folder / "tokenizer",
                                                       "tokenizer_2": folder / "tokenizer_2"}
+
+
+def test_code_that_picks_networks_by_role_covers_every_text_encoder(tmp_path, two_text_encoders):
+    """Cost, LoRA names, `sdlab info` and training iterate the family's text encoders."""
+    one, two = cost_model(TINY).text_chunk, cost_model(TWO_TE).text_chunk
+    second = sum(2.0 * 77 * m.weight.numel() for m in TextEncoder(TWO_TE.network("text_encoder_2")).modules()
+                 if isinstance(m, torch.nn.Linear))
+    assert two == one + second
+    model = Model.build(TWO_TE)
+    names = adaptable_modules(model)
+    assert "lora_te2_text_model_encoder_layers_1_self_attn_q_proj" in names
+    first_fc1 = model.text_encoder.text_model.encoder.layers[0].mlp.fc1
+    assert names["lora_te_text_model_encoder_layers_0_mlp_fc1"] is first_fc1
+    assert any(k.startswith("lora_te2_") for k in default_targets(model, text_encoder=True))
+    assert not any(k.startswith("lora_te") for k in default_targets(model))
+    info = describe_checkpoint(model.save(tmp_path / "m"), hash_files=False)
+    assert info["text_encoders"] == ["text_encoder", "text_encoder_2"] and info["text_encoder_2"]["width"] == 48
+    assert "text enc. 2: width 48, 2 layers" in format_info(info)
+
+
+def test_sd1_lora_names_and_info_are_unchanged():
+    model = Model.build(TINY)
+    prefixes = {k.split("_text_model")[0] for k in default_targets(model, text_encoder=True) if "_text_model" in k}
+    assert prefixes == {"lora_te"}
+
+
+def test_training_the_text_encoder_trains_every_text_encoder_of_the_family(tmp_path, two_text_encoders):
+    model = Model.build(TWO_TE)
+    task = DiffusionTask(tiny_config(tmp_path, train_text_encoder=True), model)
+    assert set(task.trained) == {"unet", "text_encoder", "text_encoder_2"} and set(task.frozen) == {"vae"}
+    params = {n.split(".")[0] for n, p in task.objective.named_parameters() if p.requires_grad}
+    assert {"text_encoder", "text_encoder_2"} <= params  # the objective holds both (DDP sees them)

@@ -65,6 +65,8 @@ class Component:
     read_config: Callable[[Mapping[str, Any], str, int | None], Any]
     write_config: Callable[[Any, ModelConfig], dict[str, Any]]
     tokenizer: str | None = None  # a text encoder's tokenizer folder: "tokenizer", "tokenizer_2"
+    # The kohya-ss LoRA key prefix of its layers ("lora_unet_", "lora_te_"; SDXL "lora_te1_", "lora_te2_").
+    lora_prefix: str | None = None
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,9 @@ class Family:
         hands them to `condition_from_inputs` inside its objective. SD 1.x/2.x: {"text_encoder": ids (B, T)}."""
         raise NotImplementedError
 
-    def condition_from_inputs(self, networks: Mapping[str, nn.Module], inputs: Mapping[str, torch.Tensor]) -> Conditioning:
+    def condition_from_inputs(
+        self, networks: Mapping[str, nn.Module], inputs: Mapping[str, torch.Tensor]
+    ) -> Conditioning:
         """The `Conditioning` of `conditioner_inputs(...)`, computed by `networks` by component name (the
         model's, or those a training objective holds, so gradients reach a text encoder being trained)."""
         raise NotImplementedError

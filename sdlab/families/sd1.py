@@ -46,13 +46,14 @@ COMPONENTS = {
         ("CLIPTextModel", "CLIPTextModelWithProjection"), "model", TextEncoderConfig,
         read_config=lambda d, where, pad: _configs().text_encoder_from_transformers(d, pad, where),
         write_config=lambda cfg, model: _configs().text_encoder_to_transformers(cfg),
-        tokenizer="tokenizer",
+        tokenizer="tokenizer", lora_prefix="lora_te_",
     ),
     "unet": Component(
         "unet", lambda c: UNet(c.unet), "diffusers", ("UNet2DConditionModel",), "diffusion_pytorch_model",
         UNetConfig,
         read_config=lambda d, where, pad: _configs().unet_from_diffusers(d, where),
         write_config=lambda cfg, model: _configs().unet_to_diffusers(cfg, model.default_size // model.vae.downscale),
+        lora_prefix="lora_unet_",
     ),
     "vae": Component(
         "vae", lambda c: VAE(c.vae), "diffusers", ("AutoencoderKL",), "diffusion_pytorch_model", VAEConfig,

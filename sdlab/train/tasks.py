@@ -40,17 +40,17 @@ class DiffusionTask:
         self.config, self.model, self.cache = config, model, cache
         self.schedule = NoiseSchedule.from_config(model.config.schedule)
         self.lora: LoRANetwork | None = None
+        self.family = family_of(model.config)
+        text_encoders = {name: model.components[name] for name in self.family.text_encoders}
         if config.uses_lora:
             self.lora = inject_lora(model, config.lora_rank, config.lora_alpha, text_encoder=config.lora_text_encoder)
             self.trained = {"lora": self.lora}
         else:
             self.trained = {"unet": _train(model.unet)}
-            if config.train_text_encoder:
-                self.trained["text_encoder"] = _train(model.text_encoder)
+            if config.train_text_encoder:  # every text encoder of the family (SDXL: both)
+                self.trained.update({name: _train(net) for name, net in text_encoders.items()})
         self.frozen = {n: net for n, net in model.components.items() if n not in self.trained}
         grad_through_text = config.train_text_encoder or (config.uses_lora and config.lora_text_encoder)
-        self.family = family_of(model.config)
-        text_encoders = {name: model.components[name] for name in self.family.text_encoders}
         self.objective = DiffusionObjective(
             model.unet, self.family, text_encoders, self.schedule, model.config.prediction,
             min_snr_gamma=config.min_snr_gamma, train_text_encoder=grad_through_text, extra=self.lora,
@@ -104,7 +104,7 @@ class VAETask:
         if self.objective.discriminator is not None:
             self.objective.discriminator.to(model.device)
             self.trained["discriminator"] = self.objective.discriminator
-        self.frozen = {"unet": model.unet, "text_encoder": model.text_encoder}
+        self.frozen = {n: net for n, net in model.components.items() if n != "vae"}
 
     def draw(self, generator: torch.Generator, batch: int, pixel_shape):
         f = self.model.config.vae.downscale
