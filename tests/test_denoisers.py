@@ -139,3 +139,23 @@ def test_conditioning_parts_are_batched_for_guidance_in_one_place_and_reach_the_
     assert Conditioning(torch.zeros(1, 3, 8)).network_inputs() == {}
     with pytest.raises(ParameterError, match="added"):
         batch_for_guidance(Conditioning(torch.zeros(1, 3, 8)), cond)
+
+
+def test_each_prediction_is_a_parameterization_with_its_scalings_and_target():
+    """eps and v as small classes: D = c_skip x + c_out F(c_in x), and the training target."""
+    from sdlab.diffusion.parameterization import get_parameterization
+
+    sigma = torch.tensor([0.5, 3.0])
+    x, out, x0, noise = (torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(i)) for i in range(4))
+    s = sigma[:, None, None, None]
+    eps, v = get_parameterization("epsilon"), get_parameterization("v_prediction")
+    assert torch.equal(eps.denoised(x, sigma, out), x - s * out)
+    torch.testing.assert_close(v.denoised(x, sigma, out), x / (s**2 + 1) - s / (s**2 + 1).sqrt() * out)
+    assert torch.equal(eps.c_in(sigma), v.c_in(sigma)) and torch.allclose(eps.c_in(sigma), (sigma**2 + 1).rsqrt())
+    # x_t = sqrt(a) x0 + sqrt(1 - a) eps is x0 + sigma eps scaled by c_in, with sigma^2 = (1 - a) / a
+    alphas = 1 / (sigma**2 + 1)
+    x_t = alphas.sqrt()[:, None, None, None] * x0 + (1 - alphas).sqrt()[:, None, None, None] * noise
+    torch.testing.assert_close(v.denoised(x_t / v.c_in(s), sigma, v.target(x0, noise, alphas)), x0)
+    torch.testing.assert_close(eps.denoised(x_t / eps.c_in(s), sigma, eps.target(x0, noise, alphas)), x0)
+    with pytest.raises(ParameterError, match="unknown prediction 'flow'"):
+        get_parameterization("flow")

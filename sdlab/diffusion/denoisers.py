@@ -4,6 +4,7 @@ Conventions (k-diffusion, Karras et al. 2022): x = x0 + sigma * noise; the netwo
 c_in * x with c_in = 1 / sqrt(sigma^2 + 1) and the timestep of sigma in the training table (fractional
 between entries, interpolated in log-sigma).
 
+What the network predicts (eps, v) is its `sdlab.diffusion.parameterization` (c_skip, c_out, c_in):
 - eps prediction (Ho et al. 2020): D = x - sigma * eps.
 - v prediction (Salimans & Ho 2022, "Progressive Distillation"): D = c_skip * x + c_out * v with
   c_skip = 1 / (sigma^2 + 1), c_out = -sigma / sqrt(sigma^2 + 1).
@@ -22,12 +23,12 @@ from collections.abc import Callable
 import torch
 
 from sdlab.diffusion.conditioning import Conditioning, batch_for_guidance, run_network
+from sdlab.diffusion.parameterization import PARAMETERIZATIONS, get_parameterization
 from sdlab.diffusion.schedules import NoiseSchedule
-from sdlab.errors import ParameterError
 
 # unet(x_in (B, C, h, w), t (B,), context (B, T, D), **other conditioning parts) -> eps or v (B, 4, h, w)
 Network = Callable[..., torch.Tensor]
-PREDICTIONS = ("epsilon", "v_prediction")
+PREDICTIONS = tuple(PARAMETERIZATIONS)  # "epsilon", "v_prediction"
 
 
 def _per_sample(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
@@ -50,8 +51,7 @@ class ModelDenoiser:
 
     def __init__(self, network: Network, schedule: NoiseSchedule, prediction: str = "epsilon", *,
                  quantize: bool = False):
-        if prediction not in PREDICTIONS:
-            raise ParameterError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
+        self.parameterization = get_parameterization(prediction)
         self.network, self.schedule, self.prediction, self.quantize = network, schedule, prediction, quantize
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
@@ -59,18 +59,14 @@ class ModelDenoiser:
 
     def network_output(self, x, sigma, cond: Conditioning) -> torch.Tensor:
         """The raw network output (eps or v) at x, for per-sample sigmas (B,)."""
-        x_in = x * _bcast((sigma**2 + 1) ** -0.5, x)  # the DDPM latent
+        x_in = x * _bcast(self.parameterization.c_in(sigma), x)  # the DDPM latent
         if cond.concat is not None:
             x_in = torch.cat([x_in, cond.concat.to(x_in.dtype)], dim=1)  # (B, 4 + 5, h, w) for inpainting models
         return run_network(self.network, x_in, self.sigma_to_t(sigma), cond)
 
     def to_denoised(self, x, sigma, output) -> torch.Tensor:
         """x0 from the network output at x, for per-sample sigmas (B,)."""
-        if self.prediction == "epsilon":
-            return x - _bcast(sigma, x) * output
-        c_skip = _bcast(1 / (sigma**2 + 1), x)
-        c_out = _bcast(-sigma * (sigma**2 + 1) ** -0.5, x)
-        return c_skip * x + c_out * output
+        return self.parameterization.denoised(x, sigma, output)
 
     def __call__(self, x, sigma, cond: Conditioning) -> torch.Tensor:
         sigma = _per_sample(sigma, x)

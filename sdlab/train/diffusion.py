@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..diffusion.conditioning import Conditioning, run_network
+from ..diffusion.parameterization import get_parameterization
 from ..diffusion.schedules import NoiseSchedule
 from ..families import Family
 from ..nn.unet import UNet
@@ -62,9 +63,7 @@ def snr_weights(alphas: torch.Tensor, gamma: float, prediction: str) -> torch.Te
     """Min-SNR-gamma loss weights for a_t values (B,); all ones when gamma is 0."""
     if gamma <= 0:
         return torch.ones_like(alphas)
-    snr = alphas / (1 - alphas)
-    clipped = snr.clamp(max=gamma)
-    return clipped / (snr + 1) if prediction == "v_prediction" else clipped / snr
+    return get_parameterization(prediction).min_snr_weights(alphas / (1 - alphas), gamma)
 
 
 def noised(x0: torch.Tensor, noise: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
@@ -74,10 +73,8 @@ def noised(x0: torch.Tensor, noise: torch.Tensor, alphas: torch.Tensor) -> torch
 
 
 def target(x0: torch.Tensor, noise: torch.Tensor, alphas: torch.Tensor, prediction: str) -> torch.Tensor:
-    if prediction == "epsilon":
-        return noise
-    a = alphas[:, None, None, None]
-    return a.sqrt() * noise - (1 - a).sqrt() * x0
+    """The network's training target for a prediction type (its parameterization's)."""
+    return get_parameterization(prediction).target(x0, noise, alphas)
 
 
 class DiffusionObjective(nn.Module):
