@@ -22,6 +22,7 @@ from sdlab.errors import CheckpointError, ParameterError
 from sdlab.lora import adaptable_modules, default_targets
 from sdlab.model import Model
 from sdlab.nn.clip import TextEncoder
+from sdlab.train.config import model_config_from_dict, model_config_to_dict
 from sdlab.train.tasks import DiffusionTask
 
 
@@ -201,3 +202,12 @@ def test_training_the_text_encoder_trains_every_text_encoder_of_the_family(tmp_p
     assert set(task.trained) == {"unet", "text_encoder", "text_encoder_2"} and set(task.frozen) == {"vae"}
     params = {n.split(".")[0] for n, p in task.objective.named_parameters() if p.requires_grad}
     assert {"text_encoder", "text_encoder_2"} <= params  # the objective holds both (DDP sees them)
+
+
+def test_training_model_config_files_keep_extra_networks(tmp_path, two_text_encoders):
+    values = model_config_to_dict(TWO_TE)
+    assert values["extra_networks"]["text_encoder_2"]["width"] == 48
+    assert model_config_from_dict(json.loads(json.dumps(values))) == TWO_TE
+    assert "extra_networks" not in model_config_to_dict(TINY)
+    with pytest.raises(ParameterError, match=r"extra_networks names components \['text_encoder_3'\]"):
+        model_config_from_dict({**values, "extra_networks": {"text_encoder_3": {}}})

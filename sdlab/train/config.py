@@ -26,6 +26,7 @@ from ..config import (
     UNetConfig,
     VAEConfig,
 )
+from .. import families
 from ..errors import ParameterError
 from ..shapes.dataset import ShapesMix
 from ..shapes.world import OBJECT_COUNT_WEIGHTS
@@ -204,11 +205,30 @@ def model_config_from_dict(values: dict[str, Any], *, where: str = "ModelConfig"
     for name, cls in _NESTED.items():
         if name in top:
             top[name] = _dataclass_from_dict(cls, top[name], f"{where}: {name}")
+    if "extra_networks" in top:
+        top["extra_networks"] = _extra_networks(top["extra_networks"], top.get("family", ModelConfig.family), where)
     return _dataclass_from_dict(ModelConfig, top, where)
 
 
+def _extra_networks(values: Any, family: Any, where: str) -> tuple[tuple[str, Any], ...]:
+    """{component name: config fields} -> (name, config) pairs, each of the config class its family declares."""
+    if not isinstance(values, dict):
+        raise ParameterError(f"{where}: extra_networks must be a JSON object of network configs by component name")
+    if family not in families.FAMILIES:
+        raise ParameterError(f"{where}: unknown model family; sdlab has {sorted(families.FAMILIES)}")
+    components = families.FAMILIES[family].components
+    unknown = sorted(set(values) - set(components))
+    if unknown:
+        raise ParameterError(f"{where}: extra_networks names components {unknown} that its family does not have")
+    return tuple((name, _dataclass_from_dict(components[name].config_class, cfg, f"{where}: extra_networks.{name}"))
+                 for name, cfg in values.items())
+
+
 def model_config_to_dict(config: ModelConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """Nested plain values; the extra networks (if any) as an object by component name."""
+    values = dataclasses.asdict(config)
+    extra = values.pop("extra_networks")
+    return {**values, **({"extra_networks": dict(extra)} if extra else {})}
 
 
 def model_config_to_json(config: ModelConfig, path: str | Path) -> Path:
