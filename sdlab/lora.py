@@ -41,8 +41,7 @@ from .errors import CheckpointError, ParameterError
 
 log = logging.getLogger(__name__)
 
-UNET_PREFIX = "lora_unet_"
-TEXT_PREFIX = "lora_te_"  # SD 1.x/2.x's one text encoder; each family's components name their own prefix
+UNET_PREFIX = "lora_unet_"  # the text encoders' prefixes are their family components' (`lora_prefix`)
 # Kohya's default targets: every Linear / 1x1 conv inside the UNet's transformers, and the text encoder's
 # attention and MLP layers.
 UNET_TARGET_PARENT = "attentions"
