@@ -302,3 +302,9 @@ def count_indices(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
         what = "none" if not found else "not numbered 0..N-1"
         raise CheckpointError(f"unknown architecture: the layers under {prefix!r} are {what}")
     return len(found)
+
+
+def keymaps(config, text_encoder: KeyMap) -> dict[str, KeyMap]:
+    """The single-file key maps of an SD 1.x/2.x model: the LDM UNet and VAE tables, and the family's text
+    encoder map."""
+    return {"unet": unet_keymap(config.unet), "vae": vae_keymap(config.vae), "text_encoder": text_encoder}

@@ -73,7 +73,21 @@ def _configs():
 PIPELINES = {"txt2img": "StableDiffusionPipeline", "inpaint": "StableDiffusionInpaintPipeline"}
 
 
-class SD1(Family):
+class TextContextConditioner:
+    """The conditioner of SD 1.x and 2.x (a Family mixin): the text encoder's hidden states are the whole
+    conditioning, no pooled vector or added conditions."""
+
+    def condition(self, model, prompts: list[str], clip_skip: int = 1) -> Conditioning:
+        return text_conditioning(model, prompts, clip_skip)
+
+    def conditioner_inputs(self, model, prompts, extras=None) -> dict[str, torch.Tensor]:
+        return token_ids(model, prompts)
+
+    def condition_from_inputs(self, networks, inputs) -> Conditioning:
+        return context_of_ids(networks, inputs)
+
+
+class SD1(TextContextConditioner, Family):
     name = "sd1"
     label = "SD 1.x (OpenAI CLIP ViT-L/14 text encoder, 768-wide context)"
     presets = (SD15, SD15_INPAINT, TINY)
@@ -107,20 +121,7 @@ class SD1(Family):
         )
 
     def keymaps(self, config: ModelConfig) -> dict[str, KeyMap]:
-        return {
-            "unet": ldm.unet_keymap(config.unet),
-            "vae": ldm.vae_keymap(config.vae),
-            "text_encoder": clip_keymap(config.text_encoder),
-        }
-
-    def condition(self, model, prompts: list[str], clip_skip: int = 1) -> Conditioning:
-        return text_conditioning(model, prompts, clip_skip)
-
-    def conditioner_inputs(self, model, prompts, extras=None) -> dict[str, torch.Tensor]:
-        return token_ids(model, prompts)
-
-    def condition_from_inputs(self, networks, inputs) -> Conditioning:
-        return context_of_ids(networks, inputs)
+        return ldm.keymaps(config, clip_keymap(config.text_encoder))
 
 
 def text_conditioning(model, prompts: list[str], clip_skip: int = 1) -> Conditioning:

@@ -21,9 +21,8 @@ import torch
 
 from ..config import ModelConfig, TextEncoderConfig, UNetConfig
 from . import ldm
-from ..diffusion.conditioning import Conditioning
 from .base import Family, KeyMap
-from .sd1 import COMPONENTS, PIPELINES, context_of_ids, is_sd_pipeline, text_conditioning, token_ids
+from .sd1 import COMPONENTS, PIPELINES, TextContextConditioner, is_sd_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,7 @@ SD2_INPAINT = ModelConfig(
 )
 
 
-class SD2(Family):
+class SD2(TextContextConditioner, Family):
     name = "sd2"
     label = "SD 2.x (OpenCLIP ViT-H/14 text encoder, 1024-wide context)"
     presets = (SD21_BASE, SD21, SD2_INPAINT)
@@ -91,20 +90,7 @@ class SD2(Family):
                             prediction=prediction)
 
     def keymaps(self, config: ModelConfig) -> dict[str, KeyMap]:
-        return {
-            "unet": ldm.unet_keymap(config.unet),
-            "vae": ldm.vae_keymap(config.vae),
-            "text_encoder": openclip_keymap(config.text_encoder),
-        }
-
-    def condition(self, model, prompts: list[str], clip_skip: int = 1) -> Conditioning:
-        return text_conditioning(model, prompts, clip_skip)
-
-    def conditioner_inputs(self, model, prompts, extras=None) -> dict[str, torch.Tensor]:
-        return token_ids(model, prompts)
-
-    def condition_from_inputs(self, networks, inputs) -> Conditioning:
-        return context_of_ids(networks, inputs)
+        return ldm.keymaps(config, openclip_keymap(config.text_encoder))
 
 
 def openclip_keymap(cfg: TextEncoderConfig) -> KeyMap:
