@@ -27,6 +27,7 @@ from .errors import ParameterError
 Activation = Literal["quick_gelu", "gelu"]
 Prediction = Literal["epsilon", "v_prediction"]
 BetaSchedule = Literal["scaled_linear", "linear"]
+AddedCondition = Literal["text_time"]  # SDXL: pooled text embedding + Fourier features of size numbers
 
 # Sanity bounds, (low, high) inclusive, by kind of size. Each leaves a wide margin around what released SD 1.x,
 # SD 2.x and SDXL models use (in the comments), while keeping the largest network sdlab would build on the
@@ -37,6 +38,9 @@ SIZE_LIMITS: dict[str, tuple[int, int]] = {
     "channels": (1, 8192),  # block widths: SD's UNet 320..1280, VAE 128..512
     "layers_per_block": (1, 8),  # SD and SDXL 2
     "transformer_depth": (1, 16),  # SD 1, SDXL up to 10
+    "added_input_dim": (1, 65536),  # SDXL base 2816 (1280 pooled + 6 x 256), refiner 2560 (1280 + 5 x 256)
+    "added_time_ids": (1, 16),  # SDXL base 6 (original size, crop, target size), refiner 5 (+ aesthetic score)
+    "added_time_dim": (1, 4096),  # SDXL 256
     "context_dim": (1, 8192),  # SD 1.x 768, SD 2.x 1024, SDXL 2048
     "num_heads": (1, 256),  # SD 1.x 8, SD 2.x and SDXL 5..20
     "head_dim": (1, 1024),  # SD 2.x 64
@@ -91,8 +95,15 @@ class UNetConfig:
     one extra block per level. The middle block is ResNet, transformer, ResNet.
 
     Attention heads: give either `num_heads` (SD 1.x: 8 heads at every level, so the head size grows with
-    the width) or `head_dim` (SD 2.x: heads of 64 channels). diffusers calls the former, confusingly,
-    `attention_head_dim`.
+    the width; SDXL: one count per level, 5/10/20) or `head_dim` (SD 2.x: heads of 64 channels). diffusers
+    calls the former, confusingly, `attention_head_dim`. `transformer_depth` (blocks per spatial transformer)
+    is likewise one number for all levels or one per level (SDXL base: 1, 2, 10). Per-level values are per
+    encoder level; its decoder mirror and, for the last level, the middle block use the same.
+
+    SDXL adds `added_condition="text_time"`: the network also reads a (B, added_input_dim -
+    added_time_ids * added_time_dim + added_time_ids) vector, a pooled text embedding followed by
+    `added_time_ids` plain numbers (image sizes, crop, aesthetic score); each number becomes `added_time_dim`
+    sinusoidal features, and an MLP from the resulting `added_input_dim` values is added to the time embedding.
     """
 
     in_channels: int = 4  # 9 for inpainting models: latents (4) + mask (1) + masked-image latents (4)
@@ -101,18 +112,22 @@ class UNetConfig:
     attention_levels: tuple[bool, ...] = (True, True, True, False)
     layers_per_block: int = 2
     context_dim: int = 768
-    num_heads: int | None = 8
+    num_heads: int | tuple[int, ...] | None = 8  # one count, or one per level
     head_dim: int | None = None
-    transformer_depth: int = 1
+    transformer_depth: int | tuple[int, ...] = 1  # one depth, or one per level
     use_linear_projection: bool = False  # SD 2.x: Linear instead of 1x1 conv around the transformer
     upcast_attention: bool = False  # SD 2.1: compute attention scores in fp32 under fp16
     norm_groups: int = 32
     norm_eps: float = 1e-5
+    added_condition: AddedCondition | None = None
+    added_input_dim: int | None = None  # input width of the added-condition MLP (diffusers'
+    #                                     projection_class_embeddings_input_dim)
+    added_time_ids: int = 6  # numbers turned into Fourier features (the rest of the added vector is pooled text)
+    added_time_dim: int = 256  # Fourier features per number (diffusers' addition_time_embed_dim)
 
     def __post_init__(self):
         _check_ints(self, in_channels="image_channels", out_channels="image_channels",
-                    layers_per_block="layers_per_block", context_dim="context_dim",
-                    transformer_depth="transformer_depth", norm_groups="norm_groups")
+                    layers_per_block="layers_per_block", context_dim="context_dim", norm_groups="norm_groups")
         _set_tuple(self, "channels", _check_levels(self, "channels", self.channels))
         _set_tuple(self, "attention_levels", _check_flags(self, "attention_levels", self.attention_levels))
         if len(self.channels) != len(self.attention_levels):
@@ -122,11 +137,47 @@ class UNetConfig:
             )
         if (self.num_heads is None) == (self.head_dim is None):
             raise ParameterError("UNetConfig: give exactly one of num_heads and head_dim")
-        _check_ints(self, **({"num_heads": "num_heads"} if self.head_dim is None else {"head_dim": "head_dim"}))
+        if self.head_dim is None:
+            self._check_per_level("num_heads")
+        else:
+            _check_ints(self, head_dim="head_dim")
+        self._check_per_level("transformer_depth")
         _check_bools(self, "use_linear_projection", "upcast_attention")
         _check_number(self, "norm_eps", 0.0, 1.0)
         _check_groups(self, self.channels, self.norm_groups)
         self._check_heads()
+        self._check_added()
+
+    def _check_per_level(self, name: str) -> None:
+        """`name` is one integer within SIZE_LIMITS[name], or a tuple (a list is stored as one) of such
+        integers, one per level."""
+        value = getattr(self, name)
+        if _is_int(value):
+            _check_ints(self, **{name: name})
+            return
+        low, high = SIZE_LIMITS[name]
+        if not isinstance(value, (tuple, list)) or not all(_is_int(v) and low <= v <= high for v in value):
+            raise ParameterError(f"UNetConfig.{name} must be an integer from {low} to {high} or a tuple of "
+                                 f"such integers, one per level{_got(value)}")
+        if len(value) != len(self.channels):
+            raise ParameterError(f"UNetConfig.{name} has {len(value)} values but channels has "
+                                 f"{len(self.channels)} levels; give one per level")
+        _set_tuple(self, name, tuple(value))
+
+    def _check_added(self) -> None:
+        _check_ints(self, added_time_ids="added_time_ids", added_time_dim="added_time_dim")
+        if self.added_condition is None:
+            if self.added_input_dim is not None:
+                raise ParameterError("UNetConfig.added_input_dim is set but added_condition is not; "
+                                     "set added_condition=\"text_time\" or leave added_input_dim null")
+            return
+        if self.added_condition != "text_time":
+            raise ParameterError("UNetConfig.added_condition must be null or \"text_time\""
+                                 f"{_got(self.added_condition) if not isinstance(self.added_condition, str) else ''}")
+        _check_ints(self, added_input_dim="added_input_dim")
+        if self.added_pooled_dim < 1:
+            raise ParameterError("UNetConfig.added_input_dim must exceed added_time_ids * added_time_dim "
+                                 "(the rest is the pooled text embedding's width)")
 
     def _check_heads(self) -> None:
         last = len(self.channels) - 1
@@ -144,11 +195,30 @@ class UNetConfig:
     def time_embed_dim(self) -> int:
         return 4 * self.channels[0]
 
+    @property
+    def added_pooled_dim(self) -> int:
+        """Width of the pooled text embedding at the start of the added vector (SDXL 1280); 0 without one."""
+        if self.added_condition is None:
+            return 0
+        return self.added_input_dim - self.added_time_ids * self.added_time_dim
+
+    @property
+    def added_dim(self) -> int:
+        """Width of the added vector the network reads: pooled text embedding + the plain time ids; 0 without."""
+        return self.added_pooled_dim + self.added_time_ids if self.added_condition is not None else 0
+
     def heads_at(self, level: int) -> int:
         """Number of attention heads in the transformers of encoder level `level` (and its mirror)."""
+        if isinstance(self.num_heads, tuple):
+            return self.num_heads[level]
         if self.num_heads is not None:
             return self.num_heads
         return self.channels[level] // self.head_dim
+
+    def depth_at(self, level: int) -> int:
+        """Number of transformer blocks in each spatial transformer of encoder level `level` (and its mirror)."""
+        depth = self.transformer_depth
+        return depth[level] if isinstance(depth, tuple) else depth
 
 
 @dataclass(frozen=True)

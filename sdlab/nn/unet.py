@@ -4,6 +4,11 @@ with Latent Diffusion Models"; the UNet itself after Ronneberger et al. 2015 and
     x (B, in, h, w) --conv_in--> down levels --> middle --> up levels (+ skips) --norm, SiLU, conv_out--> (B, out, h, w)
     t (B,) --sinusoid--> MLP --> added inside every ResNet block
     context (B, T, D) --> cross-attention inside every spatial transformer
+    added (B, P + N) (SDXL) --pooled text, sinusoids of N numbers--> MLP --> added to the time MLP's output
+
+SDXL's UNet (Podell et al. 2023, "SDXL: Improving Latent Diffusion Models for High-Resolution Image
+Synthesis") is the same network with per-level transformer depths and head counts, and the `added`
+conditioning on the pooled text embedding and the image-size numbers ("micro-conditioning").
 
 The `state_dict()` keys and shapes equal diffusers' `UNet2DConditionModel` for the same configuration.
 """
@@ -23,7 +28,7 @@ def _transformer(cfg: UNetConfig, channels: int, level: int) -> SpatialTransform
         channels,
         heads=cfg.heads_at(level),
         context_dim=cfg.context_dim,
-        depth=cfg.transformer_depth,
+        depth=cfg.depth_at(level),
         groups=cfg.norm_groups,
         linear_projection=cfg.use_linear_projection,
         upcast=cfg.upcast_attention,
@@ -109,8 +114,15 @@ class UpLevel(nn.Module):
 class UNet(nn.Module):
     """Predicts the noise (or v) in latents `x` at timesteps `t` given text `context`.
 
-    forward(x: (B, in_channels, h, w), t: (B,) or scalar, possibly fractional, context: (B, T, context_dim))
+    forward(x: (B, in_channels, h, w), t: (B,) or scalar, possibly fractional, context: (B, T, context_dim),
+            added: (B, cfg.added_dim) for a config with an added_condition, else None)
         -> (B, out_channels, h, w)
+
+    `added` ("text_time", SDXL) is the pooled text embedding (B, cfg.added_pooled_dim) followed by the
+    cfg.added_time_ids plain numbers (SDXL base: original height, width, crop top, left, target height,
+    width; the refiner: the same without the target size, then the aesthetic score). It is what diffusers
+    passes as added_cond_kwargs, torch.cat([text_embeds, time_ids], dim=1); the sinusoidal features of the
+    numbers are computed here.
     """
 
     def __init__(self, cfg: UNetConfig):
@@ -120,28 +132,35 @@ class UNet(nn.Module):
         ch = cfg.channels
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepMLP(ch[0], cfg.time_embed_dim)
+        if cfg.added_condition == "text_time":
+            self.add_embedding = TimestepMLP(cfg.added_input_dim, cfg.time_embed_dim)
         self.down_blocks = nn.ModuleList(DownLevel(cfg, i, ch[max(i - 1, 0)]) for i in range(len(ch)))
         self.mid_block = MidBlock(cfg)
         self.up_blocks = nn.ModuleList(UpLevel(cfg, i) for i in reversed(range(len(ch))))
         self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
-        return self.forward_with_features(x, t, context)[0]
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
+                added: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_with_features(x, t, context, added=added)[0]
 
     def forward_with_features(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
-                              deep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                              deep: torch.Tensor | None = None, added: torch.Tensor | None = None,
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
         """The prediction and the deep features: what the deeper levels hand the last up level, (B, C1, h, w).
 
         Given `deep` (from an earlier call at a nearby timestep), only the first encoder level and the last
         decoder level run, with `deep` standing in for everything below them: DeepCache (Ma et al. 2023),
         which relies on the deep features changing slowly from one sampling step to the next.
         """
-        self._check_inputs(x, context)
+        self._check_inputs(x, context, added)
         t = _batch_timesteps(t, x.shape[0], x.device)  # (B,)
         emb = timestep_embedding(t, self.cfg.channels[0]).to(x.dtype)  # (B, C0)
+        temb = self.time_embedding(emb)  # (B, 4 * C0)
+        if added is not None:
+            temb = temb + self.add_embedding(self._added_features(added).to(x.dtype))
         # Every ResNet block applies SiLU to the time embedding first: do it once here.
-        temb = silu(self.time_embedding(emb))  # (B, 4 * C0)
+        temb = silu(temb)
 
         x = self.conv_in(x)
         skips = [x]
@@ -161,8 +180,28 @@ class UNet(nn.Module):
         x = self.up_blocks[-1](deep, skips, temb, context)
         return self.conv_out(silu(self.conv_norm_out(x))), deep
 
-    def _check_inputs(self, x: torch.Tensor, context: torch.Tensor) -> None:
+    def _added_features(self, added: torch.Tensor) -> torch.Tensor:
+        """(B, P + N): pooled text, N numbers -> (B, P + N * added_time_dim): pooled text, each number's
+        sinusoidal features in turn (cosines first, as for the timesteps)."""
         cfg = self.cfg
+        pooled, numbers = added[:, : cfg.added_pooled_dim], added[:, cfg.added_pooled_dim :]
+        features = timestep_embedding(numbers.reshape(-1), cfg.added_time_dim)  # (B * N, added_time_dim)
+        return torch.cat([pooled, features.reshape(added.shape[0], -1).to(pooled.dtype)], dim=1)
+
+    def _check_inputs(self, x: torch.Tensor, context: torch.Tensor, added: torch.Tensor | None) -> None:
+        cfg = self.cfg
+        if cfg.added_condition is None and added is not None:
+            raise ParameterError("UNet: got an added condition but UNetConfig.added_condition is null; "
+                                 "this network takes none (pass added=None)")
+        if cfg.added_condition is not None and (
+            added is None or added.ndim != 2 or added.shape != (x.shape[0], cfg.added_dim)
+        ):
+            got = "none" if added is None else str(tuple(added.shape))
+            raise ParameterError(
+                f"UNet: UNetConfig.added_condition={cfg.added_condition!r} needs `added` of shape "
+                f"({x.shape[0]}, {cfg.added_dim}) (pooled text {cfg.added_pooled_dim} + {cfg.added_time_ids} "
+                f"numbers), got {got}"
+            )
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ParameterError(
                 f"UNet: latents must have shape (B, {cfg.in_channels}, h, w) for UNetConfig.in_channels="
@@ -199,7 +238,7 @@ def _check_config(cfg: UNetConfig) -> None:
                 f"UNetConfig.channels[{level}]={ch} does not split into attention heads "
                 f"(num_heads={cfg.num_heads}, head_dim={cfg.head_dim}); use a multiple of the head count/size"
             )
-    if cfg.layers_per_block < 1 or cfg.transformer_depth < 1:
+    if cfg.layers_per_block < 1 or min(cfg.depth_at(level) for level in range(len(cfg.channels))) < 1:
         raise ParameterError(
             f"UNetConfig: layers_per_block ({cfg.layers_per_block}) and transformer_depth "
             f"({cfg.transformer_depth}) must be at least 1"
