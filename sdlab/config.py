@@ -50,6 +50,7 @@ SIZE_LIMITS: dict[str, tuple[int, int]] = {
     "width": (1, 16384),  # CLIP ViT-L 768, OpenCLIP ViT-H 1024, ViT-bigG 1280
     "num_layers": (1, 128),  # 12, 23, 32
     "mlp_width": (1, 65536),  # 3072, 4096, 5120
+    "projection_dim": (1, 16384),  # SDXL's OpenCLIP ViT-bigG text projection 1280
     "num_train_timesteps": (1, 100_000),  # 1000
     "default_size": (8, 16384),  # 512, 768, 1024
 }
@@ -58,10 +59,18 @@ MAX_SCALE = 1000.0  # VAE scaling/shift factors: SD 0.18215, SDXL 0.13025, SD3 1
 
 @dataclass(frozen=True)
 class TextEncoderConfig:
-    """A CLIP-style causal text transformer (OpenAI CLIP ViT-L/14 for SD 1.x, OpenCLIP ViT-H/14 for SD 2.x).
+    """A CLIP-style causal text transformer (OpenAI CLIP ViT-L/14 for SD 1.x, OpenCLIP ViT-H/14 for SD 2.x,
+    both of them for SDXL, whose second one is OpenCLIP ViT-bigG/14).
 
     `num_layers` counts the layers that exist in the network. SD 2.x checkpoints in the diffusers layout
     keep 23 of OpenCLIP's 24 layers (SD 2 conditions on the penultimate layer, so the last is dropped).
+
+    `projection_dim` adds the text projection (a bias-free Linear width -> projection_dim, applied to the
+    pooled end-of-text state) that SDXL's second encoder has; None, as for SD 1.x/2.x, leaves it out.
+    `eos_token_id` says how the pooled output finds the end-of-text token, as transformers does: None
+    takes the position of the largest id in each prompt (<|endoftext|>, 49407, is the largest CLIP id;
+    transformers' rule for configs that say eos_token_id 2, as the SD and SDXL ones do); an id takes the
+    first position holding it (transformers' rule for any other eos_token_id).
     """
 
     vocab_size: int = 49408
@@ -74,15 +83,25 @@ class TextEncoderConfig:
     layer_norm_eps: float = 1e-5
     # Token id that pads a prompt up to max_length: <|endoftext|> (49407) for SD 1.x, "!" (0) for SD 2.x.
     pad_token_id: int = 49407
+    projection_dim: int | None = None  # SDXL's second encoder: 1280
+    eos_token_id: int | None = None  # None: the end-of-text token is the largest id (see above)
 
     def __post_init__(self):
         _check_ints(self, vocab_size="vocab_size", max_length="max_length", width="width",
                     num_layers="num_layers", num_heads="num_heads", mlp_width="mlp_width")
+        if self.projection_dim is not None:
+            _check_ints(self, projection_dim="projection_dim")
         _check_number(self, "layer_norm_eps", 0.0, 1.0)
-        if not _is_int(self.pad_token_id) or not 0 <= self.pad_token_id < self.vocab_size:
-            raise ParameterError("TextEncoderConfig.pad_token_id must be a token id from 0 to vocab_size - 1")
+        self._check_token_id("pad_token_id")
+        if self.eos_token_id is not None:
+            self._check_token_id("eos_token_id")
         if self.width % self.num_heads:
             raise ParameterError("TextEncoderConfig.width must be a multiple of num_heads (an equal share per head)")
+
+    def _check_token_id(self, name: str) -> None:
+        value = getattr(self, name)
+        if not _is_int(value) or not 0 <= value < self.vocab_size:
+            raise ParameterError(f"TextEncoderConfig.{name} must be a token id from 0 to vocab_size - 1{_got(value)}")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,10 @@ One module covers both text encoders SD uses, chosen by `TextEncoderConfig`:
 Both are GPT-2-style causal transformers (Radford et al. 2019): learned position embeddings, pre-LayerNorm
 residual layers, a final LayerNorm. Module names mirror the diffusers `text_encoder/` layout (that of
 `transformers.CLIPTextModel` before transformers 5), so its files load with no key mapping. SD uses the
-per-token hidden states only; the pooled output and the text projection are left out.
+per-token hidden states only. SDXL's second encoder (OpenCLIP ViT-bigG/14: 32 layers of width 1280, exact
+GELU) also gives a pooled vector, the final-LayerNormed state at the end-of-text token through a learned
+text projection; `TextEncoder.encode` returns it with the hidden states (as
+`transformers.CLIPTextModelWithProjection`'s `text_embeds`, whose state-dict names it keeps).
 """
 
 from __future__ import annotations
@@ -152,8 +155,10 @@ class TextEncoder(nn.Module):
 
     `state_dict()` has the keys and shapes of the diffusers `text_encoder/` files of SD 1.x/2.x (those of
     `transformers.CLIPTextModel` before transformers 5, which dropped the `text_model.` prefix), so such a
-    file loads strictly with no key mapping. Loading also accepts the legacy `position_ids` entry and the
-    unprefixed keys that transformers >= 5 writes.
+    file loads strictly with no key mapping. With a `projection_dim` it also has `text_projection.weight`,
+    the layout of SDXL's `text_encoder_2/` (`transformers.CLIPTextModelWithProjection`, in every version).
+    Loading also accepts the legacy `position_ids` entry and the unprefixed keys that transformers >= 5
+    writes for CLIPTextModel.
     """
 
     def __init__(self, cfg: TextEncoderConfig):
@@ -161,6 +166,8 @@ class TextEncoder(nn.Module):
         _check_config(cfg)
         self.cfg = cfg
         self.text_model = TextTransformer(cfg)
+        if cfg.projection_dim is not None:
+            self.text_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # transformers >= 5 flattened CLIPTextModel and saves its keys without `text_model.`; published
@@ -185,6 +192,34 @@ class TextEncoder(nn.Module):
             pass  # only the deepest one is needed; the loop drops the others as it goes
         return self.text_model.final_layer_norm(hidden)
 
+    def encode(
+        self, input_ids: torch.Tensor, clip_skip: int = 2, final_layer_norm: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL's conditioning from one pass: (hidden (B, T, width), pooled (B, projection_dim)).
+
+        `hidden` is the output of layer `num_layers - clip_skip + 1` (clip_skip as in `forward`), raw by
+        default as SDXL uses it (diffusers' `hidden_states[-2]`), or final-LayerNormed as `forward` gives it.
+        `pooled` always comes from the last layer: its final-LayerNormed state at each prompt's end-of-text
+        token (found by the config's `eos_token_id` rule), through the text projection when the config
+        has one (`text_embeds` in transformers), else as it is (`pooler_output`). diffusers' SDXL
+        `clip_skip=k` (`hidden_states[-(k + 2)]`) is `clip_skip=k + 2` here.
+        """
+        self._check_input_ids(input_ids)
+        self._check_clip_skip(clip_skip)
+        chosen = self.cfg.num_layers - clip_skip + 1  # index into embeddings + layer outputs
+        for index, last in enumerate(self.text_model.iter_hidden_states(input_ids, self.cfg.num_layers)):
+            if index == chosen:
+                hidden = last
+        if final_layer_norm:
+            hidden = self.text_model.final_layer_norm(hidden)
+        return hidden, self._pool(self.text_model.final_layer_norm(last), input_ids)
+
+    def _pool(self, normed: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The final-LayerNormed states (B, T, width) at the end-of-text tokens, projected: (B, P)."""
+        rows = torch.arange(normed.shape[0], device=normed.device)
+        pooled = normed[rows, eos_positions(input_ids, self.cfg.eos_token_id).to(normed.device)]  # (B, width)
+        return self.text_projection(pooled) if self.cfg.projection_dim is not None else pooled
+
     def hidden_states(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
         """The embeddings and every layer's output, before the final LayerNorm: num_layers + 1 tensors
         of shape (B, T, width), as `output_hidden_states=True` gives in transformers."""
@@ -202,6 +237,18 @@ class TextEncoder(nn.Module):
     def _check_input_ids(self, input_ids: torch.Tensor) -> None:
         _check_ids_shape(input_ids, self.cfg.max_length)
         _check_ids_range(input_ids, self.cfg.vocab_size)
+
+
+def eos_positions(input_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
+    """The position of each prompt's end-of-text token: (B, T) ids -> (B,) int64, as transformers finds it.
+
+    None (transformers' rule when its config says eos_token_id 2): the first position of the largest id,
+    which is <|endoftext|> (49407) in CLIP's vocabulary. An id: the first position holding it; a prompt
+    without one gets position 0, as in transformers (tokenizers always end a prompt or chunk with it).
+    """
+    if eos_token_id is None:
+        return input_ids.argmax(dim=-1)
+    return (input_ids == eos_token_id).int().argmax(dim=-1)
 
 
 def _check_config(cfg: TextEncoderConfig) -> None:
