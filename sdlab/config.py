@@ -240,6 +240,18 @@ class UNetConfig:
         return depth[level] if isinstance(depth, tuple) else depth
 
 
+# Fields UNetConfig gained for SDXL: left out of saved configs while they hold their defaults, so that the JSON
+# of every SD 1.x/2.x config stays as it was before they existed (and older readers still read it).
+_ADDED_FIELDS = ("added_condition", "added_input_dim", "added_time_ids", "added_time_dim")
+
+
+def unet_config_to_dict(values: dict[str, Any]) -> dict[str, Any]:
+    """`dataclasses.asdict(unet_config)` without the added-condition fields that hold their defaults
+    (reading the dict back gives them their defaults again)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(UNetConfig)}
+    return {k: v for k, v in values.items() if not (k in _ADDED_FIELDS and v == defaults[k])}
+
+
 @dataclass(frozen=True)
 class VAEConfig:
     """AutoencoderKL: an encoder to a diagonal Gaussian over latents, and a decoder back to pixels.

@@ -7,6 +7,7 @@ in fp32 on CPU.
 """
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -14,10 +15,11 @@ from diffusers import UNet2DConditionModel
 from test_unet import max_rel_diff, randomize_
 
 from sdlab.checkpoints.configs import config_from_json, config_to_json
-from sdlab.config import SD15, UNetConfig
+from sdlab.config import PRESETS, SD15, UNetConfig
 from sdlab.diffusion.conditioning import Conditioning, run_network
 from sdlab.errors import ParameterError
 from sdlab.nn.unet import UNet
+from sdlab.train.config import model_config_from_dict, model_config_to_dict
 
 TOL = 1e-5
 
@@ -187,10 +189,28 @@ def test_sd1_config_json_round_trip_keeps_its_values():
     assert back.unet.transformer_depth == 1 and back.unet.num_heads == 8 and back.unet.added_condition is None
 
 
+# UNetConfig's fields before SDXL's: what the saved JSON of an SD 1.x/2.x config holds, as it always did.
+SD_UNET_FIELDS = {"in_channels", "out_channels", "channels", "attention_levels", "layers_per_block", "context_dim",
+                  "num_heads", "head_dim", "transformer_depth", "use_linear_projection", "upcast_attention",
+                  "norm_groups", "norm_eps"}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_sd_preset_json_has_only_the_fields_it_had(name):
+    model = PRESETS[name]
+    assert set(json.loads(config_to_json(model))["unet"]) == SD_UNET_FIELDS
+    assert set(model_config_to_dict(model)["unet"]) == SD_UNET_FIELDS
+
+
 def test_sdxl_shaped_config_json_round_trip():
     model = SD15.replace(unet=BASE_STYLE)
-    back = config_from_json(config_to_json(model), "sdxl.json")
-    assert back.unet == BASE_STYLE
+    assert config_from_json(config_to_json(model), "sdxl.json").unet == BASE_STYLE
+    assert model_config_from_dict(json.loads(json.dumps(model_config_to_dict(model)))).unet == BASE_STYLE
+
+
+def test_non_default_added_fields_are_kept_without_an_added_condition():
+    model = SD15.replace(unet=dataclasses.replace(SD15.unet, added_time_ids=5))
+    assert config_from_json(config_to_json(model), "x.json") == model
 
 
 @pytest.mark.slow

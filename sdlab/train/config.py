@@ -25,6 +25,7 @@ from ..config import (
     TextEncoderConfig,
     UNetConfig,
     VAEConfig,
+    unet_config_to_dict,
 )
 from .. import families
 from ..errors import ParameterError
@@ -227,6 +228,7 @@ def _extra_networks(values: Any, family: Any, where: str) -> tuple[tuple[str, An
 def model_config_to_dict(config: ModelConfig) -> dict[str, Any]:
     """Nested plain values; the extra networks (if any) as an object by component name."""
     values = dataclasses.asdict(config)
+    values["unet"] = unet_config_to_dict(values["unet"])  # SD 1.x/2.x: as before the SDXL fields existed
     extra = values.pop("extra_networks")
     return {**values, **({"extra_networks": dict(extra)} if extra else {})}
 
