@@ -248,8 +248,19 @@ _ADDED_FIELDS = ("added_condition", "added_input_dim", "added_time_ids", "added_
 def unet_config_to_dict(values: dict[str, Any]) -> dict[str, Any]:
     """`dataclasses.asdict(unet_config)` without the added-condition fields that hold their defaults
     (reading the dict back gives them their defaults again)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(UNetConfig)}
-    return {k: v for k, v in values.items() if not (k in _ADDED_FIELDS and v == defaults[k])}
+    return _without_defaults(UNetConfig, values, _ADDED_FIELDS)
+
+
+def text_encoder_config_to_dict(values: dict[str, Any]) -> dict[str, Any]:
+    """`dataclasses.asdict(text_encoder_config)` without the SDXL pooling fields that hold their defaults."""
+    return _without_defaults(TextEncoderConfig, values, ("projection_dim", "eos_token_id"))
+
+
+def _without_defaults(cls, values: dict[str, Any], optional: tuple[str, ...]) -> dict[str, Any]:
+    """Saved configs of SD 1.x/2.x stay as they were before the SDXL fields existed: those fields are left
+    out while they hold their defaults."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    return {k: v for k, v in values.items() if not (k in optional and v == defaults[k])}
 
 
 @dataclass(frozen=True)

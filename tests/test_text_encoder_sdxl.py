@@ -196,3 +196,20 @@ def test_full_bigg_parameter_count_matches_reference_on_meta():
     assert {k: v.shape for k, v in ours.state_dict().items()} == {
         k: v.shape for k, v in reference.state_dict().items()
     }
+
+
+def test_sd_configs_are_saved_as_before_the_pooling_fields_existed():
+    """Files that SD 1.x/2.x configs are saved to keep exactly their text encoder fields (older sdlab versions
+    read them), and read back to the same config."""
+    import json
+
+    from sdlab.checkpoints.configs import config_from_json, config_to_json
+    from sdlab.config import PRESETS
+    from sdlab.train.config import model_config_from_dict, model_config_to_dict
+
+    for config in PRESETS.values():
+        saved = json.loads(config_to_json(config))["text_encoder"]
+        assert "projection_dim" not in saved and "eos_token_id" not in saved
+        assert "projection_dim" not in model_config_to_dict(config)["text_encoder"]
+        assert config_from_json(config_to_json(config), "test") == config
+        assert model_config_from_dict(model_config_to_dict(config)) == config

@@ -39,6 +39,7 @@ from ..config import (
     UNetConfig,
     VAEConfig,
     describe_type,
+    text_encoder_config_to_dict,
     unet_config_to_dict,
 )
 from ..errors import CheckpointError, ParameterError
@@ -348,6 +349,7 @@ def config_to_json(config: ModelConfig) -> str:
     """sdlab's own serialisation of a ModelConfig (stored in the metadata of the single files it writes)."""
     d = dataclasses.asdict(config)
     d["unet"] = unet_config_to_dict(d["unet"])  # SD 1.x/2.x: as before the SDXL fields existed
+    d["text_encoder"] = text_encoder_config_to_dict(d["text_encoder"])
     # The extra networks as an object by component name, and only when there are any: files of the
     # families with three networks read as before.
     extra = d.pop("extra_networks")

@@ -25,6 +25,7 @@ from ..config import (
     TextEncoderConfig,
     UNetConfig,
     VAEConfig,
+    text_encoder_config_to_dict,
     unet_config_to_dict,
 )
 from .. import families
@@ -229,6 +230,7 @@ def model_config_to_dict(config: ModelConfig) -> dict[str, Any]:
     """Nested plain values; the extra networks (if any) as an object by component name."""
     values = dataclasses.asdict(config)
     values["unet"] = unet_config_to_dict(values["unet"])  # SD 1.x/2.x: as before the SDXL fields existed
+    values["text_encoder"] = text_encoder_config_to_dict(values["text_encoder"])
     extra = values.pop("extra_networks")
     return {**values, **({"extra_networks": dict(extra)} if extra else {})}
 
