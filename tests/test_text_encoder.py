@@ -28,8 +28,11 @@ TINY_OPENCLIP = TextEncoderConfig(
 TINY_CONFIGS = pytest.mark.parametrize("cfg", [TINY_OPENAI, TINY_OPENCLIP], ids=["openai", "openclip"])
 
 
-def reference_config(cfg: TextEncoderConfig, attn_implementation: str = "eager") -> CLIPTextConfig:
-    """The transformers config of a text encoder equivalent to `cfg`."""
+def reference_config(cfg: TextEncoderConfig, attn_implementation: str = "eager", *,
+                     eos_token_id: int = EOS) -> CLIPTextConfig:
+    """The transformers config of a text encoder equivalent to `cfg` (its projection, where `cfg` has one,
+    is CLIPTextModelWithProjection's)."""
+    projection = {} if cfg.projection_dim is None else {"projection_dim": cfg.projection_dim}
     config = CLIPTextConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.width,
@@ -40,8 +43,9 @@ def reference_config(cfg: TextEncoderConfig, attn_implementation: str = "eager")
         hidden_act=cfg.activation,
         layer_norm_eps=cfg.layer_norm_eps,
         bos_token_id=BOS,
-        eos_token_id=EOS,
+        eos_token_id=eos_token_id,
         pad_token_id=cfg.pad_token_id,
+        **projection,
     )
     config._attn_implementation = attn_implementation
     return config

@@ -9,13 +9,14 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+from test_text_encoder import BOS, EOS, reference_config
+from transformers import CLIPTextModelWithProjection
 
 from sdlab.config import SD15, SD21, TextEncoderConfig
 from sdlab.errors import ParameterError
 from sdlab.nn.clip import TextEncoder, eos_positions
 
-BOS, EOS, PAD = 49406, 49407, 0  # SDXL's second tokenizer pads with "!" (id 0)
+PAD = 0  # SDXL's second tokenizer pads with "!" (id 0)
 LEGACY_EOS_TOKEN_ID = 2  # what SD/SDXL text encoder configs say; transformers then pools at the largest id
 TOLERANCE = 1e-5
 
@@ -31,30 +32,11 @@ FULL_BIGG = TextEncoderConfig(
 FULL_BIGG_PARAMETERS = 694_659_840
 
 
-def reference_config(cfg: TextEncoderConfig, eos_token_id: int, attn_implementation: str) -> CLIPTextConfig:
-    config = CLIPTextConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.width,
-        intermediate_size=cfg.mlp_width,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        max_position_embeddings=cfg.max_length,
-        hidden_act=cfg.activation,
-        layer_norm_eps=cfg.layer_norm_eps,
-        projection_dim=cfg.projection_dim,
-        bos_token_id=BOS,
-        eos_token_id=eos_token_id,
-        pad_token_id=1,
-    )
-    config._attn_implementation = attn_implementation
-    return config
-
-
 @torch.no_grad()
 def make_pair(cfg: TextEncoderConfig, eos_token_id: int = LEGACY_EOS_TOKEN_ID, attn_implementation="eager"):
     """A seeded random reference and an sdlab TextEncoder loaded strictly from its state dict."""
     torch.manual_seed(0)
-    reference = CLIPTextModelWithProjection(reference_config(cfg, eos_token_id, attn_implementation)).eval()
+    reference = CLIPTextModelWithProjection(reference_config(cfg, attn_implementation, eos_token_id=eos_token_id)).eval()
     for name, param in reference.named_parameters():
         if "layer_norm" in name or name.endswith("bias"):  # initialised to 1 and 0: make them tell apart
             param.add_(0.1 * torch.randn_like(param))
@@ -189,7 +171,7 @@ def test_config_checks_the_new_fields():
 def test_full_bigg_parameter_count_matches_reference_on_meta():
     with torch.device("meta"):
         ours = TextEncoder(FULL_BIGG)
-        reference = CLIPTextModelWithProjection(reference_config(FULL_BIGG, LEGACY_EOS_TOKEN_ID, "sdpa"))
+        reference = CLIPTextModelWithProjection(reference_config(FULL_BIGG, "sdpa", eos_token_id=LEGACY_EOS_TOKEN_ID))
     assert all(p.device.type == "meta" for p in ours.parameters())
     count = sum(p.numel() for p in ours.parameters())
     assert count == sum(p.numel() for p in reference.parameters()) == FULL_BIGG_PARAMETERS

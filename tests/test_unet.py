@@ -46,14 +46,21 @@ def diffusers_unet(cfg: UNetConfig) -> UNet2DConditionModel:
         cross_attention_dim=cfg.context_dim,
         # diffusers' "attention_head_dim" is the number of heads.
         attention_head_dim=tuple(cfg.heads_at(i) for i in levels),
-        transformer_layers_per_block=cfg.transformer_depth,
+        transformer_layers_per_block=tuple(cfg.depth_at(i) for i in levels),
         use_linear_projection=cfg.use_linear_projection,
         upcast_attention=cfg.upcast_attention,
         norm_num_groups=cfg.norm_groups,
         norm_eps=cfg.norm_eps,
         flip_sin_to_cos=True,
         freq_shift=0,
+        **(_added_embedding(cfg) if cfg.added_condition else {}),
     )
+
+
+def _added_embedding(cfg: UNetConfig) -> dict:
+    """SDXL's `text_time` added embedding in diffusers' terms."""
+    return {"addition_embed_type": cfg.added_condition, "addition_time_embed_dim": cfg.added_time_dim,
+            "projection_class_embeddings_input_dim": cfg.added_input_dim}
 
 
 def randomize_(model: torch.nn.Module) -> torch.nn.Module:

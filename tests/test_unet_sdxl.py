@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from test_unet import max_rel_diff, randomize_
+from test_unet import diffusers_unet, max_rel_diff, randomize_
 
 from sdlab.checkpoints.configs import config_from_json, config_to_json
 from sdlab.config import PRESETS, SD15, UNetConfig
@@ -46,28 +46,6 @@ SDXL_BASE = UNetConfig(
     added_condition="text_time", added_input_dim=2816, added_time_ids=6, added_time_dim=256,
 )
 SDXL_BASE_PARAMETERS = 2_567_463_684
-
-
-def diffusers_unet(cfg: UNetConfig) -> UNet2DConditionModel:
-    levels = range(len(cfg.channels))
-    return UNet2DConditionModel(
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels),
-        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention_levels)),
-        block_out_channels=cfg.channels,
-        layers_per_block=cfg.layers_per_block,
-        cross_attention_dim=cfg.context_dim,
-        attention_head_dim=tuple(cfg.heads_at(i) for i in levels),  # diffusers' name for the head count
-        transformer_layers_per_block=tuple(cfg.depth_at(i) for i in levels),
-        use_linear_projection=cfg.use_linear_projection,
-        norm_num_groups=cfg.norm_groups,
-        flip_sin_to_cos=True,
-        freq_shift=0,
-        addition_embed_type=cfg.added_condition,
-        addition_time_embed_dim=cfg.added_time_dim,
-        projection_class_embeddings_input_dim=cfg.added_input_dim,
-    )
 
 
 def make_pair(cfg: UNetConfig) -> tuple[UNet2DConditionModel, UNet]:
