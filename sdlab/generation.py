@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
-from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -78,8 +78,8 @@ def generate(model, params: GenerationParams, *, generator: rng.Generator = None
     (a torch.Generator or a list, one per image, as diffusers takes them).
 
     Stopping part-way: `interrupt()` is asked before every sampler step; True ends sampling, and the latest
-    x0 estimate is decoded (`result.interrupted`). `abort()` is asked as every block of every network is
-    entered (text encoder, UNet, VAE); True raises `sdlab.interrupts.GenerationAborted` within one block.
+    x0 estimate is decoded (`result.interrupted`). `abort()` is asked as every module of every network is
+    entered (text encoder, UNet, VAE); True raises `sdlab.interrupts.GenerationAborted` at the next one.
 
     LoRAs are merged into the weights for this call and restored afterwards: those of `params.loras` (files
     or state dicts, used as given) and those that `<lora:name:weight>` tags in the prompt name, looked up in
@@ -106,9 +106,9 @@ def _named_lora(name: str, named_loras: Mapping[str, LoRASource] | None) -> LoRA
             f"named_loras={{{name!r}: path}} or sdlab.resources.ResourceFolder('LoRA', [folder], LORA_SUFFIXES)")
     try:
         return named_loras[name]
-    except KeyError as error:
-        if isinstance(error, ParameterError):
-            raise
+    except ParameterError:  # the mapping's own words (a ResourceFolder: an invalid or unknown name)
+        raise
+    except KeyError:
         raise ParameterError(f"the prompt names LoRA {name!r}, which is not among the {len(named_loras)} "
                              f"named LoRAs given") from None
 

@@ -56,11 +56,9 @@ def run_generation(registry: ModelRegistry, request: GenerationRequest, job: Job
     out = GenerationOutput([], [], [], info)
     try:
         _run_batches(model, info, request, job, named_loras, out)
-    except GenerationAborted:
-        if job.stop_reason != "interrupted":
-            raise _stopped_error(job) from None
-        out.interrupted = True  # the grace after /interrupt ran out: the images made so far
-    if out.interrupted and job.stop_reason != "interrupted":
+    except GenerationAborted:  # stopped inside a network: the images of the batches before
+        out.interrupted = True
+    if out.interrupted and job.stop_reason != "interrupted":  # only /interrupt answers with what there is
         raise _stopped_error(job)
     if limits is not None and not out.interrupted:
         limits.observe(model.config, request.flops, unet_evaluations(request.params, request.n_iter),
