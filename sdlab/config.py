@@ -256,6 +256,11 @@ def text_encoder_config_to_dict(values: dict[str, Any]) -> dict[str, Any]:
     return _without_defaults(TextEncoderConfig, values, ("projection_dim", "eos_token_id"))
 
 
+def vae_config_to_dict(values: dict[str, Any]) -> dict[str, Any]:
+    """`dataclasses.asdict(vae_config)` without `force_upcast` while it is false."""
+    return _without_defaults(VAEConfig, values, ("force_upcast",))
+
+
 def _without_defaults(cls, values: dict[str, Any], optional: tuple[str, ...]) -> dict[str, Any]:
     """Saved configs of SD 1.x/2.x stay as they were before the SDXL fields existed: those fields are left
     out while they hold their defaults."""
@@ -279,6 +284,8 @@ class VAEConfig:
     norm_groups: int = 32
     scaling_factor: float = 0.18215
     shift_factor: float = 0.0
+    # The VAE overflows in fp16 (SDXL's): a model in fp16 decodes and encodes in fp32, as diffusers does.
+    force_upcast: bool = False
 
     def __post_init__(self):
         _check_ints(self, in_channels="image_channels", out_channels="image_channels",
@@ -287,6 +294,7 @@ class VAEConfig:
         _check_groups(self, self.channels, self.norm_groups)
         _check_number(self, "scaling_factor", 0.0, MAX_SCALE)
         _check_number(self, "shift_factor", -MAX_SCALE, MAX_SCALE, low_inclusive=True)
+        _check_bools(self, "force_upcast")
 
     @property
     def downscale(self) -> int:
@@ -326,7 +334,9 @@ class ModelConfig:
 
     name: str
     family: str = "sd1"  # the `sdlab.families` module that owns this kind of model: key maps, components...
-    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    # The first text encoder; None where the family has no network by that name (the SDXL refiner encodes
+    # prompts with its one OpenCLIP ViT-bigG, a `text_encoder_2` as in the base model).
+    text_encoder: TextEncoderConfig | None = field(default_factory=TextEncoderConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -344,7 +354,7 @@ class ModelConfig:
             raise ParameterError(f"ModelConfig.family must be a string{_got(self.family)}")
         for name, cls in (("text_encoder", TextEncoderConfig), ("unet", UNetConfig), ("vae", VAEConfig),
                           ("schedule", ScheduleConfig)):
-            if not isinstance(getattr(self, name), cls):
+            if not isinstance(getattr(self, name), cls) and not (name == "text_encoder" and self.text_encoder is None):
                 raise ParameterError(f"ModelConfig.{name} must be a {cls.__name__}{_got(getattr(self, name))}")
         _check_ints(self, default_size="default_size")
         _check_number(self, "default_guidance", 0.0, 100.0, low_inclusive=True)
@@ -357,7 +367,8 @@ class ModelConfig:
     @property
     def networks(self) -> dict[str, Any]:
         """Every network's config by component name: text_encoder, unet, vae, then the extra ones."""
-        return {**{name: getattr(self, name) for name in NETWORK_FIELDS}, **dict(self.extra_networks)}
+        fields = {name: cfg for name in NETWORK_FIELDS if (cfg := getattr(self, name)) is not None}
+        return {**fields, **dict(self.extra_networks)}
 
     def network(self, name: str) -> Any:
         """The config of the network `name` (a component name of the model's family)."""
@@ -370,7 +381,7 @@ class ModelConfig:
     def network_fields(networks: Mapping[str, Any]) -> dict[str, Any]:
         """ModelConfig(...) keyword arguments for network configs by component name: the three with
         fields of their own, the others as `extra_networks`."""
-        fields: dict[str, Any] = {name: cfg for name, cfg in networks.items() if name in NETWORK_FIELDS}
+        fields: dict[str, Any] = {name: networks.get(name) for name in NETWORK_FIELDS}
         extra = tuple((name, cfg) for name, cfg in networks.items() if name not in NETWORK_FIELDS)
         return {**fields, **({"extra_networks": extra} if extra else {})}
 
@@ -378,7 +389,7 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-NETWORK_FIELDS = ("text_encoder", "unet", "vae")  # the networks every family so far has, as fields
+NETWORK_FIELDS = ("text_encoder", "unet", "vae")  # the networks with fields of their own (text_encoder may be None)
 
 
 def _check_extra_networks(value) -> tuple[tuple[str, Any], ...]:

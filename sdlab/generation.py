@@ -167,12 +167,9 @@ def _first_step(params: GenerationParams) -> int:
 def _conditionings(model, prompts, negatives, params):
     """(cond, uncond) Conditionings from the family's conditioner (one call for both); uncond is None when
     guidance is off (scale 1)."""
-    texts = prompts if params.cfg_scale == 1.0 else negatives + prompts
-    both = family_of(model.config).condition(model, texts, params.clip_skip)
-    _check_finite(both.context, "the text encoder's output")
-    if params.cfg_scale == 1.0:
-        return both, None
-    uncond, cond = both.chunk(2)
+    guided = params.cfg_scale != 1.0
+    cond, uncond = family_of(model.config).condition(model, prompts, negatives if guided else None, params)
+    _check_finite(cond.context, "the text encoder's output")
     return cond, uncond
 
 

@@ -16,10 +16,12 @@ from .config import ModelConfig
 from .diffusion.registry import get_sampler
 from .diffusion.schedules import SCHEDULES
 from .errors import ParameterError
+from .families import family_of
 
 MAX_SIDE = 4096
 MAX_BATCH = 64
 MAX_STEPS = 1000
+MAX_CONDITION_PIXELS = 16384  # SDXL size/crop conditions: a side in pixels
 MAX_TOKEN_MERGING = 0.75  # every source token of each 2x2 cell merged (sdlab.tome)
 
 
@@ -58,6 +60,18 @@ class GenerationParams:
     # Opt-in speedup that costs some quality: merge this fraction of the tokens before self-attention at the
     # highest-resolution attention level (ToMe for SD, see sdlab.tome). 0 = off, at most 0.75.
     token_merging: float = 0.0
+    # SDXL's size and crop conditions (micro-conditioning, Podell et al. 2023 sec. 2.2), (height, width) and
+    # (top, left) in pixels as diffusers takes them: None sizes are the image's own size (what diffusers and
+    # A1111 pass); the negative ones default to the positive ones. Other families ignore them.
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] | None = None
+    negative_target_size: tuple[int, int] | None = None
+    # The SDXL refiner's aesthetic-score condition (diffusers' and A1111's defaults).
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
 
     @property
     def mode(self) -> str:
@@ -95,7 +109,7 @@ class GenerationParams:
                     raise ParameterError(f"{name}={value} is not a multiple of 8; try {value // 8 * 8 or 8}")
         _check_int("steps", self.steps, 1, MAX_STEPS)
         _check_int("batch_size", self.batch_size, 1, MAX_BATCH)
-        _check_int("clip_skip", self.clip_skip, 1, config.text_encoder.num_layers)
+        _check_int("clip_skip", self.clip_skip, 1, family_of(config).clip_skip_limit(config))
         _check_int("deepcache", self.deepcache, 1, MAX_STEPS)
         if self.seed is not None:
             _check_int("seed", self.seed, 0, 2**64 - 1 - MAX_BATCH)
@@ -110,6 +124,33 @@ class GenerationParams:
         if self.schedule is not None and self.schedule.lower() not in SCHEDULES:
             raise ParameterError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
         self._validate_images(config)
+        self._validate_size_conditions()
+
+    def _validate_size_conditions(self) -> None:
+        for name in ("original_size", "target_size", "negative_original_size", "negative_target_size",
+                     "crops_coords_top_left", "negative_crops_coords_top_left"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            low = 0 if "crops" in name else 1
+            if not (isinstance(value, (tuple, list)) and len(value) == 2):
+                pair = "top, left" if low == 0 else "height, width"
+                raise ParameterError(f"{name} must be a pair of integers ({pair}), got {value!r}")
+            for v in value:
+                _check_int(name, v, low, MAX_CONDITION_PIXELS)
+        _check_range("aesthetic_score", self.aesthetic_score, 0.0, 10.0)
+        _check_range("negative_aesthetic_score", self.negative_aesthetic_score, 0.0, 10.0)
+
+    def size_conditions(self, negative: bool = False) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """(original size, crop top-left, target size) of the positive or the negative prompt's
+        conditioning, defaults filled in; `resolved` params (width and height known)."""
+        image = (self.height, self.width)
+        original, crop, target = self.original_size or image, self.crops_coords_top_left, self.target_size or image
+        if negative:
+            original = self.negative_original_size or original
+            crop = self.negative_crops_coords_top_left or crop
+            target = self.negative_target_size or target
+        return tuple(original), tuple(crop), tuple(target)
 
     def _validate_images(self, config: ModelConfig) -> None:
         if self.mask is not None and self.init_image is None:

@@ -123,7 +123,7 @@ def test_released_unet_configs_translate_to_the_presets():
     assert configs.unet_from_diffusers(SD21_UNET_JSON) == SD21.unet
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(n for n, c in PRESETS.items() if not c.family.startswith("sdxl")))  # SD 1.x/2.x
 def test_config_translation_round_trips(name):
     config = PRESETS[name]
     assert configs.unet_from_diffusers(configs.unet_to_diffusers(config.unet, 64)) == config.unet

@@ -189,7 +189,7 @@ def test_sd_configs_are_saved_as_before_the_pooling_fields_existed():
     from sdlab.config import PRESETS
     from sdlab.train.config import model_config_from_dict, model_config_to_dict
 
-    for config in PRESETS.values():
+    for config in [c for c in PRESETS.values() if not c.family.startswith("sdxl")]:
         saved = json.loads(config_to_json(config))["text_encoder"]
         assert "projection_dim" not in saved and "eos_token_id" not in saved
         assert "projection_dim" not in model_config_to_dict(config)["text_encoder"]

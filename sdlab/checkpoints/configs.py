@@ -41,6 +41,7 @@ from ..config import (
     describe_type,
     text_encoder_config_to_dict,
     unet_config_to_dict,
+    vae_config_to_dict,
 )
 from ..errors import CheckpointError, ParameterError
 
@@ -349,7 +350,9 @@ def config_to_json(config: ModelConfig) -> str:
     """sdlab's own serialisation of a ModelConfig (stored in the metadata of the single files it writes)."""
     d = dataclasses.asdict(config)
     d["unet"] = unet_config_to_dict(d["unet"])  # SD 1.x/2.x: as before the SDXL fields existed
-    d["text_encoder"] = text_encoder_config_to_dict(d["text_encoder"])
+    if d["text_encoder"] is not None:  # (None: the SDXL refiner has no first text encoder)
+        d["text_encoder"] = text_encoder_config_to_dict(d["text_encoder"])
+    d["vae"] = vae_config_to_dict(d["vae"])
     # The extra networks as an object by component name, and only when there are any: files of the
     # families with three networks read as before.
     extra = d.pop("extra_networks")
@@ -367,7 +370,7 @@ def config_from_json(text: str, where: str, *, default_family: Callable[[], str]
         config = ModelConfig(
             name=d["name"],
             family=family,
-            text_encoder=TextEncoderConfig(**d["text_encoder"]),
+            text_encoder=None if d["text_encoder"] is None else TextEncoderConfig(**d["text_encoder"]),
             unet=_with_tuples(UNetConfig, d["unet"]),
             vae=_with_tuples(VAEConfig, d["vae"]),
             schedule=ScheduleConfig(**d["schedule"]),

@@ -75,7 +75,8 @@ def normalize_text_encoder_keys(state_dict: Mapping[str, torch.Tensor]) -> State
     for key, value in state_dict.items():
         if key.endswith("embeddings.position_ids"):
             continue
-        out[key if key.startswith(TEXT_MODEL) else TEXT_MODEL + key] = value
+        kept = key.startswith((TEXT_MODEL, "text_projection."))  # the projection sits beside text_model
+        out[key if kept else TEXT_MODEL + key] = value
     return out
 
 
@@ -86,8 +87,12 @@ def _component_to_diffusers(state_dict: Mapping[str, torch.Tensor], km: KeyMap, 
     table = {km.root + a: b for a, b in km.pairs}
     fused = {km.root + stem: module for stem, module in km.fused_qkv}
     out, unmapped, used = {}, [], set()
+    transposed = {km.root + a: b for a, b in km.transposed}
     for key, value in state_dict.items():
         if not key.startswith(km.root) or _ignored(key, km):
+            continue
+        if key in transposed:  # (in, out) as OpenCLIP applies it -> a Linear weight (out, in), a view
+            out[transposed.pop(key)] = value.T
             continue
         if _split_fused(key, value, fused, out):
             used.add(key.rsplit("_", 1)[0])
@@ -99,7 +104,8 @@ def _component_to_diffusers(state_dict: Mapping[str, torch.Tensor], km: KeyMap, 
         new_key = table[prefix] + key[len(prefix):]
         out[new_key] = _to_linear(value) if new_key.rsplit(".", 1)[0] in km.conv1x1 else value
         used.add(prefix)
-    _check_coverage(name, "original", unmapped, [p for p in list(table) + list(fused) if p not in used])
+    _check_coverage(name, "original", unmapped,
+                    [p for p in list(table) + list(fused) if p not in used] + list(transposed))
     return out
 
 
@@ -137,7 +143,11 @@ def _component_to_ldm(state_dict: Mapping[str, torch.Tensor], km: KeyMap, name: 
     out, unmapped, used = {}, [], set()
     qkv: dict[str, dict[str, torch.Tensor]] = {}
     fused_modules = {module: km.root + stem for stem, module in km.fused_qkv}
+    transposed = {b: km.root + a for a, b in km.transposed}
     for key, value in state_dict.items():
+        if key in transposed:
+            out[transposed.pop(key)] = value.T
+            continue
         module, _, part_kind = key.rpartition(".")  # e.g. "...self_attn.q_proj", "weight"
         attention, _, part = module.rpartition(".")
         if attention in fused_modules and part in FUSED_QKV:
@@ -149,7 +159,7 @@ def _component_to_ldm(state_dict: Mapping[str, torch.Tensor], km: KeyMap, name: 
             continue
         out[table[prefix] + key[len(prefix):]] = _to_conv1x1(value) if module in km.conv1x1 else value
         used.add(prefix)
-    missing = [p for p in table if p not in used]
+    missing = [p for p in table if p not in used] + list(transposed)
     for attention, stem in fused_modules.items():
         missing += _join_fused(qkv.get(attention, {}), attention, stem, out)
     _check_coverage(name, "diffusers", unmapped, missing)

@@ -71,7 +71,8 @@ def read_folder_config(folder: Path) -> ModelConfig:
     index = _read_json(folder / MODEL_INDEX)
     # Detection looks at the config.json of the networks the index names (SD 2.x: its text encoder's).
     known = {name for family in families.FAMILIES.values() for name in family.components}
-    named = {name: _read_json(folder / name / "config.json") for name in index if name in known}
+    named = {name: _read_json(folder / name / "config.json") for name, entry in index.items()
+             if name in known and isinstance(entry, list) and entry and entry[0] is not None}
     family = families.detect_folder(index, named, str(folder / MODEL_INDEX))
     _check_model_index(index, family, folder / MODEL_INDEX)
     tokenizers = tokenizer_dirs(folder, family)
@@ -80,7 +81,8 @@ def read_folder_config(folder: Path) -> ModelConfig:
         where = str(folder / name / "config.json")
         tokenizer = tokenizers.get(component.tokenizer)
         pad = tokenizer_pad_token_id(tokenizer) if tokenizer else None
-        pad = family.default_pad_token_id if pad is None else pad
+        default_pad = component.default_pad_token_id
+        pad = (family.default_pad_token_id if default_pad is None else default_pad) if pad is None else pad
         networks[name] = component.read_config(named[name], where, pad)
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     scheduler = _read_json(scheduler_file) if os.path.lexists(scheduler_file) else {}
@@ -304,6 +306,7 @@ def _model_index(config: ModelConfig) -> dict[str, Any]:
         "scheduler": ["diffusers", scheduler],
         **{c.tokenizer: ["transformers", "CLIPTokenizer"] for c in family.components.values() if c.tokenizer},
         **{name: [c.library, c.classes[0]] for name, c in family.components.items()},
+        **family.model_index_extras(config),
         **guidance,
     }
 

@@ -18,36 +18,42 @@ from typing import Any
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
-from . import sd1, sd2
+from . import sd1, sd2, sdxl
 from .base import Component, Family, KeyMap, LatentFormat
 from .ldm import UNET_ROOT
 from .sd1 import SD15, SD15_INPAINT, TINY
 from .sd2 import SD2_INPAINT, SD21, SD21_BASE
+from .sdxl import SDXL_BASE, SDXL_INPAINT, SDXL_REFINER, TINY_SDXL, TINY_SDXL_REFINER
 
 __all__ = [
     "Family", "KeyMap", "Component", "LatentFormat", "latent_format", "FAMILIES", "PRESETS", "family_of",
     "get_family", "detect_single_file",
     "detect_folder", "SUPPORTED", "SD15", "SD15_INPAINT", "SD21_BASE", "SD21", "SD2_INPAINT", "TINY",
+    "SDXL_BASE", "SDXL_INPAINT", "SDXL_REFINER", "TINY_SDXL", "TINY_SDXL_REFINER",
 ]  # fmt: skip
 
-_REGISTERED: tuple[Family, ...] = (sd1.FAMILY, sd2.FAMILY)
+_REGISTERED: tuple[Family, ...] = (sd1.FAMILY, sd2.FAMILY, sdxl.FAMILY, sdxl.REFINER)
 FAMILIES: dict[str, Family] = {f.name: f for f in _REGISTERED}
 PRESETS: dict[str, ModelConfig] = {c.name: c for f in _REGISTERED for c in f.presets}
 
-# Files of families sdlab does not have (yet): recognised only to say so. Single-file key prefixes and
-# model_index.json component names.
+# Files that are not (whole) models of any family: recognised only to say what they are, by a key prefix
+# of the original single-file layout.
 NOT_SUPPORTED_KEYS = {
-    "conditioner.embedders.": "an SDXL-style model (its text encoders are under conditioner.embedders.)",
-    UNET_ROOT + "label_emb.": "a class- or size-conditioned UNet (SDXL, or the x4 upscaler)",
+    "control_model.": "a ControlNet (give it as a ControlNet, not as a model)",
+    "controlnet_cond_embedding.": "a ControlNet in the diffusers layout (give it as a ControlNet, not as a model)",
+    "lora_unet_": "a LoRA (use it with <lora:name:weight> or GenerationParams.loras)",
+    "lora_te_": "a LoRA (use it with <lora:name:weight> or GenerationParams.loras)",
 }
-NOT_SUPPORTED_COMPONENTS = {"text_encoder_2": "an SDXL-style pipeline (it has a text_encoder_2)"}
+# Upscaler architectures (ESRGAN and relatives) have neither a UNet nor a VAE; their usual first layers.
+UPSCALER_KEYS = ("conv_first.weight", "model.0.weight", "body.0.rdb1.conv1.weight")
 
 
 def supported() -> str:
     """The families sdlab reads, for error messages."""
     labels = ", ".join(f.label for f in _REGISTERED)
     return (f"{labels}, and their 9-channel inpainting variants, in the original single-file layout "
-            f"(model.diffusion_model. / first_stage_model. / cond_stage_model.) or as a diffusers folder")
+            f"(model.diffusion_model. / first_stage_model. / cond_stage_model. or conditioner.) or as a "
+            f"diffusers folder")
 
 
 SUPPORTED = supported()
@@ -70,19 +76,33 @@ def latent_format(config: ModelConfig) -> LatentFormat:
 
 def detect_single_file(keys: Collection[str], where: str = "the checkpoint") -> Family:
     """The one family whose original-layout keys these are."""
+    matches = [f for f in _REGISTERED if f.matches_keys(keys)]
+    if not matches:
+        what = _what_else(keys)
+        if what:
+            raise CheckpointError(f"{where}: not a model sdlab can load: this looks like {what}. "
+                                  f"sdlab loads {SUPPORTED}")
+    return _exactly_one(matches, where, f"({len(keys)} keys)")
+
+
+def _what_else(keys: Collection[str]) -> str | None:
+    """What a single file that no family matched seems to be, for the error message."""
+    for family in _REGISTERED:
+        if explanation := family.explain_mismatch(keys):
+            return explanation
     for prefix, what in NOT_SUPPORTED_KEYS.items():
         if any(k.startswith(prefix) for k in keys):
-            raise CheckpointError(f"{where}: unsupported architecture: this looks like {what}. "
-                                  f"sdlab supports {SUPPORTED}")
-    return _exactly_one([f for f in _REGISTERED if f.matches_keys(keys)], where, f"({len(keys)} keys)")
+            return what
+    if any(k in keys for k in UPSCALER_KEYS) and not any(k.startswith(UNET_ROOT) for k in keys):
+        return "an image upscaler (ESRGAN-style), not a diffusion model"
+    if any(k.startswith(UNET_ROOT + "label_emb.") for k in keys):
+        return "a class- or size-conditioned UNet of a family sdlab does not have (e.g. the x4 upscaler)"
+    return None
 
 
 def detect_folder(index: Mapping[str, Any], component_configs: Mapping[str, Mapping[str, Any]],
                   where: str) -> Family:
     """The one family of a diffusers folder, from its model_index.json and component configs."""
-    for name, what in NOT_SUPPORTED_COMPONENTS.items():
-        if name in index:
-            raise CheckpointError(f"{where}: {what} is not supported; sdlab reads {SUPPORTED}")
     matches = [f for f in _REGISTERED if f.matches_folder(index, component_configs)]
     return _exactly_one(matches, where, "(its model_index.json and component configs)")
 

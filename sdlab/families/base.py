@@ -43,6 +43,9 @@ class KeyMap:
     # (prefix after `root`, n): numbered blocks `prefix + "N."` with N >= n are unused (a text tower's last
     # layers past the one the family conditions on).
     unused_blocks: tuple[tuple[str, int], ...] = ()
+    # (original key after `root`, diffusers key): matrices the original stores transposed (OpenCLIP's
+    # `text_projection` is applied as x @ P, a Linear's weight as x @ W.T).
+    transposed: tuple[Pair, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,8 @@ class Component:
     tokenizer: str | None = None  # a text encoder's tokenizer folder: "tokenizer", "tokenizer_2"
     # The kohya-ss LoRA key prefix of its layers ("lora_unet_", "lora_te_"; SDXL "lora_te1_", "lora_te2_").
     lora_prefix: str | None = None
+    # A text encoder's padding token when its tokenizer folder names none (None: the family's default).
+    default_pad_token_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -127,10 +132,25 @@ class Family:
         vae = config.vae
         return LatentFormat(vae.latent_channels, vae.scaling_factor, vae.shift_factor)
 
-    def condition(self, model, prompts: list[str], clip_skip: int = 1) -> Conditioning:
-        """The family's conditioner: B prompts -> the `Conditioning` its denoising network takes (on the
-        model's device and dtype). Negative prompts are conditioned the same way."""
+    def condition(self, model, prompts: list[str], negatives: list[str] | None, params) -> tuple[
+            Conditioning, Conditioning | None]:
+        """The family's conditioner for generation: B prompts and their B negative prompts (None: no
+        classifier-free guidance) -> (cond, uncond), the `Conditioning`s its denoising network takes, on the
+        model's device and dtype. `params` (resolved `GenerationParams`) gives clip skip and, for SDXL, the
+        size and crop conditions."""
         raise NotImplementedError
+
+    def clip_skip_limit(self, config: ModelConfig) -> int:
+        """The largest clip skip the text encoders allow (1 = the layer the family conditions on)."""
+        return min(config.network(name).num_layers for name in self.text_encoders)
+
+    def explain_mismatch(self, keys: Collection[str]) -> str | None:
+        """Why a single file that looks like one of this family's (but matched none) is not, or None."""
+        return None
+
+    def model_index_extras(self, config: ModelConfig) -> dict[str, Any]:
+        """Pipeline settings this family's diffusers `model_index.json` carries beyond the components."""
+        return {}
 
     def conditioner_inputs(
         self, model, prompts: list[str], extras: Sequence[Mapping[str, Any]] | None = None

@@ -75,6 +75,8 @@ def unet_keymap(cfg: UNetConfig) -> KeyMap:
         ("out.0", "conv_norm_out"),
         ("out.2", "conv_out"),
     ]
+    if cfg.added_condition is not None:  # SDXL's MLP of the added vector (pooled text + size features)
+        pairs += [("label_emb.0.0", "add_embedding.linear_1"), ("label_emb.0.2", "add_embedding.linear_2")]
     return KeyMap(UNET_ROOT, tuple(pairs))
 
 
@@ -188,8 +190,9 @@ def _vae_resnet(original: str, diffusers: str, shortcut: bool) -> list[Pair]:
 # --- configs from shapes --------------------------------------------------------------------------------
 
 
-def unet_config(sd: Mapping[str, torch.Tensor], **heads) -> UNetConfig:
-    """The UNet's sizes from its shapes; `heads` (num_heads= / head_dim=) is the family's choice."""
+def unet_config(sd: Mapping[str, torch.Tensor], added_pooled_dim: int | None = None, **heads) -> UNetConfig:
+    """The UNet's sizes from its shapes; `heads` (num_heads= / head_dim=) is the family's choice, and so is
+    the width of the pooled text embedding in an added condition (SDXL: the text projection's)."""
     p = UNET_ROOT
     conv_in = get(sd, p + "input_blocks.0.0.weight", 4)  # (channels[0], in_channels, 3, 3)
     n, levels = _unet_layout(sd)
@@ -197,7 +200,12 @@ def unet_config(sd: Mapping[str, torch.Tensor], **heads) -> UNetConfig:
     channels = tuple(get(sd, f"{p}input_blocks.{b}.0.out_layers.3.weight", 4).shape[0] for b in first_blocks)
     attention = tuple(f"{p}input_blocks.{b}.1.proj_in.weight" in sd for b in first_blocks)
     mid = p + "middle_block.1."
-    depth = len({m.group(1) for k in sd if (m := re.match(re.escape(mid) + r"transformer_blocks\.(\d+)\.", k))})
+    # Blocks per spatial transformer: one number where every transformer has the same (and the middle
+    # block's), else one per level (SDXL base), with 1 at levels without attention as diffusers lists it.
+    mid_depth = _transformer_depth(sd, mid)
+    depths = [_transformer_depth(sd, f"{p}input_blocks.{b}.1.") if a else 1 for b, a in zip(first_blocks, attention)]
+    attended = {d for d, a in zip(depths, attention) if a} | {mid_depth}
+    depth = attended.pop() if len(attended) == 1 else tuple(depths)
     return UNetConfig(
         in_channels=conv_in.shape[1],
         out_channels=get(sd, p + "out.2.weight", 4).shape[0],
@@ -207,8 +215,28 @@ def unet_config(sd: Mapping[str, torch.Tensor], **heads) -> UNetConfig:
         context_dim=get(sd, mid + "transformer_blocks.0.attn2.to_k.weight", 2).shape[1],
         transformer_depth=depth,
         use_linear_projection=get(sd, mid + "proj_in.weight", (2, 4)).ndim == 2,
+        **_added_condition(sd, added_pooled_dim),
         **heads,
     )
+
+
+def _transformer_depth(sd: Mapping[str, torch.Tensor], transformer: str) -> int:
+    return len({m.group(1) for k in sd if (m := re.match(re.escape(transformer) + r"transformer_blocks\.(\d+)\.", k))})
+
+
+def _added_condition(sd: Mapping[str, torch.Tensor], pooled_dim: int | None, time_dim: int = 256) -> dict:
+    """SDXL's `label_emb` (the MLP of the added vector): its input width is the pooled text embedding's
+    (`pooled_dim`, the family's) + 256 Fourier features per size number."""
+    key = UNET_ROOT + "label_emb.0.0.weight"
+    if key not in sd or pooled_dim is None:
+        return {}
+    input_dim = get(sd, key, 2).shape[1]
+    numbers, rest = divmod(input_dim - pooled_dim, time_dim)
+    if rest or numbers < 1:
+        raise CheckpointError(f"unknown architecture: the weight {key!r} does not take a pooled text embedding of "
+                              f"{pooled_dim} plus {time_dim} features per size number")
+    return {"added_condition": "text_time", "added_input_dim": input_dim, "added_time_ids": numbers,
+            "added_time_dim": time_dim}
 
 
 def _unet_layout(sd: Mapping[str, torch.Tensor]) -> tuple[int, int]:

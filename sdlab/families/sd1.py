@@ -77,8 +77,14 @@ class TextContextConditioner:
     """The conditioner of SD 1.x and 2.x (a Family mixin): the text encoder's hidden states are the whole
     conditioning, no pooled vector or added conditions."""
 
-    def condition(self, model, prompts: list[str], clip_skip: int = 1) -> Conditioning:
-        return text_conditioning(model, prompts, clip_skip)
+    def condition(self, model, prompts, negatives, params):
+        """Prompts and negatives in one encoder call, so that both are padded to the same number of chunks."""
+        texts = prompts if negatives is None else negatives + prompts
+        both = text_conditioning(model, texts, params.clip_skip)
+        if negatives is None:
+            return both, None
+        uncond, cond = both.chunk(2)
+        return cond, uncond
 
     def conditioner_inputs(self, model, prompts, extras=None) -> dict[str, torch.Tensor]:
         return token_ids(model, prompts)
@@ -103,18 +109,12 @@ class SD1(TextContextConditioner, Family):
         return is_sd_pipeline(index) and text.get("hidden_act", "quick_gelu") == "quick_gelu"
 
     def normalize_keys(self, state_dict: Mapping[str, torch.Tensor]) -> StateDict:
-        """Files made with old transformers versions store the text encoder without the `text_model.` level."""
-        out = {}
-        for key, value in state_dict.items():
-            if key.startswith(CLIP_ROOT) and not key.startswith(CLIP_ROOT + TEXT_MODEL):
-                key = CLIP_ROOT + TEXT_MODEL + key[len(CLIP_ROOT):]
-            out[key] = value
-        return out
+        return with_text_model_level(state_dict, CLIP_ROOT)
 
     def config_from_state_dict(self, state_dict, metadata, prediction) -> ModelConfig:
         sd = self.normalize_keys(state_dict)
         return SD15.replace(
-            text_encoder=_clip_config(sd),
+            text_encoder=clip_config(sd),
             unet=ldm.unet_config(sd, num_heads=8, head_dim=None),
             vae=ldm.vae_config(sd),
             prediction=prediction or ldm.stated_prediction(sd, metadata) or "epsilon",
@@ -126,7 +126,8 @@ class SD1(TextContextConditioner, Family):
 
 def text_conditioning(model, prompts: list[str], clip_skip: int = 1) -> Conditioning:
     """SD 1.x/2.x condition on the text encoder's hidden states only: context (B, 77 N, D)."""
-    return Conditioning(context=encode_prompts(model, prompts, clip_skip))
+    hidden, _ = encode_prompts(model.tokenizer, model.text_encoder, prompts, clip_skip)
+    return Conditioning(context=hidden.to(model.dtype))
 
 
 def token_ids(model, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -139,24 +140,36 @@ def context_of_ids(networks: Mapping[str, torch.nn.Module], inputs: Mapping[str,
     return Conditioning(context=networks["text_encoder"](inputs["text_encoder"]))  # context (B, T, D)
 
 
+def with_text_model_level(state_dict: Mapping[str, torch.Tensor], root: str) -> StateDict:
+    """Files made with old transformers versions store a CLIP text encoder without the `text_model.` level."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith(root) and not key.startswith(root + TEXT_MODEL):
+            key = root + TEXT_MODEL + key[len(root):]
+        out[key] = value
+    return out
+
+
 def is_sd_pipeline(index: Mapping[str, Any]) -> bool:
     """A StableDiffusion(Inpaint)Pipeline-shaped model index: unet, vae and one text encoder (SD 1.x and 2.x)."""
     return "unet" in index and "text_encoder" in index and "text_encoder_2" not in index
 
 
-def clip_keymap(cfg: TextEncoderConfig) -> KeyMap:
-    """SD 1.x keeps transformers' CLIPTextModel names under `cond_stage_model.transformer.`."""
+def clip_keymap(cfg: TextEncoderConfig, root: str = CLIP_ROOT) -> KeyMap:
+    """SD 1.x keeps transformers' CLIPTextModel names under `cond_stage_model.transformer.` (SDXL's first
+    encoder under `conditioner.embedders.0.transformer.`)."""
     pairs = [
         ("text_model.embeddings.token_embedding", "text_model.embeddings.token_embedding"),
         ("text_model.embeddings.position_embedding", "text_model.embeddings.position_embedding"),
         *[(f"text_model.encoder.layers.{i}", f"text_model.encoder.layers.{i}") for i in range(cfg.num_layers)],
         ("text_model.final_layer_norm", "text_model.final_layer_norm"),
     ]
-    return KeyMap(CLIP_ROOT, tuple(pairs), ignored=CLIP_IGNORED)
+    return KeyMap(root, tuple(pairs), ignored=CLIP_IGNORED)
 
 
-def _clip_config(sd: Mapping[str, torch.Tensor]) -> TextEncoderConfig:
-    p = CLIP_ROOT + "text_model."
+def clip_config(sd: Mapping[str, torch.Tensor], root: str = CLIP_ROOT) -> TextEncoderConfig:
+    """An OpenAI CLIP text tower's config from its shapes (transformers' names under `root`)."""
+    p = root + "text_model."
     vocab, width = ldm.get(sd, p + "embeddings.token_embedding.weight", 2).shape
     return TextEncoderConfig(
         vocab_size=vocab,

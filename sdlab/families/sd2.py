@@ -86,32 +86,40 @@ class SD2(TextContextConditioner, Family):
         base = SD21 if prediction == "v_prediction" else SD21_BASE
         if prediction == "v_prediction":
             unet = dataclasses.replace(unet, upcast_attention=True)  # as SD 2.1-v's config has it
-        return base.replace(text_encoder=_openclip_config(state_dict), unet=unet, vae=ldm.vae_config(state_dict),
+        return base.replace(text_encoder=openclip_config(state_dict), unet=unet, vae=ldm.vae_config(state_dict),
                             prediction=prediction)
 
     def keymaps(self, config: ModelConfig) -> dict[str, KeyMap]:
         return ldm.keymaps(config, openclip_keymap(config.text_encoder))
 
 
-def openclip_keymap(cfg: TextEncoderConfig) -> KeyMap:
-    """OpenCLIP's own names under `cond_stage_model.model.`. Only the first `num_layers` resblocks are
-    mapped; a 24th (SD 2 conditions on the penultimate layer) is left out, as diffusers does."""
+def openclip_keymap(cfg: TextEncoderConfig, root: str = OPENCLIP_ROOT) -> KeyMap:
+    """OpenCLIP's own names under `cond_stage_model.model.` (SDXL: `conditioner.embedders.N.model.`). Only
+    the first `num_layers` resblocks are mapped; a 24th (SD 2 conditions on the penultimate layer) is left
+    out, as diffusers does. With a `projection_dim` (SDXL) the text projection is mapped, transposed."""
     pairs = list(OPENCLIP_GLOBALS)
     fused = []
     for i in range(cfg.num_layers):
         ours = f"text_model.encoder.layers.{i}"
         pairs += [(f"{OPENCLIP_RESBLOCKS}{i}.{a}", f"{ours}.{b}") for a, b in OPENCLIP_LAYER]
         fused.append((f"{OPENCLIP_RESBLOCKS}{i}.attn.in_proj", f"{ours}.self_attn"))
-    return KeyMap(OPENCLIP_ROOT, tuple(pairs), fused_qkv=tuple(fused), ignored=OPENCLIP_IGNORED,
+    projected = cfg.projection_dim is not None
+    ignored = tuple(k for k in OPENCLIP_IGNORED if not (projected and k == "text_projection"))
+    transposed = (("text_projection", "text_projection.weight"),) if projected else ()
+    return KeyMap(root, tuple(pairs), fused_qkv=tuple(fused), ignored=ignored, transposed=transposed,
                   unused_blocks=((OPENCLIP_RESBLOCKS, cfg.num_layers),))
 
 
-def _openclip_config(sd: Mapping[str, torch.Tensor]) -> TextEncoderConfig:
-    p = OPENCLIP_ROOT
+def openclip_config(sd: Mapping[str, torch.Tensor], root: str = OPENCLIP_ROOT, *, projected: bool = False
+                    ) -> TextEncoderConfig:
+    """An OpenCLIP text tower's config from its shapes. SD 2.x (`projected=False`) stops at the penultimate
+    layer of a full tower; SDXL keeps all layers and the text projection (its pooled output needs both)."""
+    p = root
     vocab, width = ldm.get(sd, p + "token_embedding.weight", 2).shape
     layers = ldm.count_indices(sd, p + OPENCLIP_RESBLOCKS)
-    if p + "text_projection" in sd:  # the full trained tower: SD 2 stops at its penultimate layer
+    if p + "text_projection" in sd and not projected:  # the full trained tower: SD 2 stops at its penultimate
         layers -= 1
+    projection = ldm.get(sd, p + "text_projection", 2).shape[1] if projected else None
     return TextEncoderConfig(
         vocab_size=vocab,
         max_length=ldm.get(sd, p + "positional_embedding", 2).shape[0],
@@ -121,6 +129,7 @@ def _openclip_config(sd: Mapping[str, torch.Tensor]) -> TextEncoderConfig:
         mlp_width=ldm.get(sd, p + OPENCLIP_RESBLOCKS + "0.mlp.c_fc.weight", 2).shape[0],
         activation="gelu",
         pad_token_id=0,
+        projection_dim=projection,
     )
 
 
