@@ -284,7 +284,8 @@ class VAEConfig:
     norm_groups: int = 32
     scaling_factor: float = 0.18215
     shift_factor: float = 0.0
-    # The VAE overflows in fp16 (SDXL's): a model in fp16 decodes and encodes in fp32, as diffusers does.
+    # The VAE overflows in fp16 (SDXL's), so diffusers decodes it in fp32 when the model is fp16. sdlab
+    # records the flag (configs and files keep it); decoding does not act on it yet.
     force_upcast: bool = False
 
     def __post_init__(self):

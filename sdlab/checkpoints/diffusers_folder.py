@@ -28,6 +28,7 @@ from .. import families
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..families import Family
+from ..families.base import names_component
 from . import configs
 from .atomic import atomic_folder
 from .convert import normalize_component_keys
@@ -71,8 +72,8 @@ def read_folder_config(folder: Path) -> ModelConfig:
     index = _read_json(folder / MODEL_INDEX)
     # Detection looks at the config.json of the networks the index names (SD 2.x: its text encoder's).
     known = {name for family in families.FAMILIES.values() for name in family.components}
-    named = {name: _read_json(folder / name / "config.json") for name, entry in index.items()
-             if name in known and isinstance(entry, list) and entry and entry[0] is not None}
+    named = {name: _read_json(folder / name / "config.json") for name in index
+             if name in known and names_component(index, name)}
     family = families.detect_folder(index, named, str(folder / MODEL_INDEX))
     _check_model_index(index, family, folder / MODEL_INDEX)
     tokenizers = tokenizer_dirs(folder, family)

@@ -1,6 +1,6 @@
 """What the denoising network is conditioned on: one object, built by the model family's conditioner.
 
-    cond = family.condition(model, prompts, clip_skip)    # Conditioning(context=(B, T, D), ...)
+    cond, uncond = family.condition(model, prompts, negatives, params)   # Conditioning(context=(B, T, D), ...)
     both = batch_for_guidance(uncond, cond)               # the one place a CFG batch is assembled
     run_network(unet, x_in, t, both)                      # how every caller hands it to the network
 
@@ -69,6 +69,15 @@ def cat(conditionings: Sequence[Conditioning]) -> Conditioning:
 def batch_for_guidance(uncond: Conditioning, cond: Conditioning) -> Conditioning:
     """The batch [uncond; cond] (2B) that classifier-free guidance runs through the network in one call."""
     return cat([uncond, cond])
+
+
+def split_guidance(both: Conditioning, guided: bool) -> tuple[Conditioning, Conditioning | None]:
+    """A conditioner's output for [negatives; prompts] (2B, when `guided`) or prompts alone (B) ->
+    (cond, uncond); uncond is None without guidance. The inverse of `batch_for_guidance`."""
+    if not guided:
+        return both, None
+    uncond, cond = both.chunk(2)
+    return cond, uncond
 
 
 def run_network(network: Callable, x_in: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:

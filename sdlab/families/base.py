@@ -95,6 +95,13 @@ class LatentFormat:
         return x / self.scale + self.shift
 
 
+def names_component(index: Mapping[str, Any], name: str) -> bool:
+    """Whether a diffusers model_index.json names a component (diffusers writes [null, null] for an absent
+    one, as the SDXL refiner's index does for its missing first text encoder)."""
+    entry = index.get(name)
+    return isinstance(entry, list) and len(entry) == 2 and entry[0] is not None
+
+
 class Family:
     """A model family. Subclasses set the class attributes and implement the methods; one instance each."""
 

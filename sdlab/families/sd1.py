@@ -14,7 +14,7 @@ import torch
 
 from ..conditioning import encode_prompts
 from ..config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
-from ..diffusion.conditioning import Conditioning
+from ..diffusion.conditioning import Conditioning, split_guidance
 from ..nn.clip import TextEncoder
 from ..nn.unet import UNet
 from ..nn.vae import VAE
@@ -80,11 +80,7 @@ class TextContextConditioner:
     def condition(self, model, prompts, negatives, params):
         """Prompts and negatives in one encoder call, so that both are padded to the same number of chunks."""
         texts = prompts if negatives is None else negatives + prompts
-        both = text_conditioning(model, texts, params.clip_skip)
-        if negatives is None:
-            return both, None
-        uncond, cond = both.chunk(2)
-        return cond, uncond
+        return split_guidance(text_conditioning(model, texts, params.clip_skip), negatives is not None)
 
     def conditioner_inputs(self, model, prompts, extras=None) -> dict[str, torch.Tensor]:
         return token_ids(model, prompts)
@@ -126,8 +122,7 @@ class SD1(TextContextConditioner, Family):
 
 def text_conditioning(model, prompts: list[str], clip_skip: int = 1) -> Conditioning:
     """SD 1.x/2.x condition on the text encoder's hidden states only: context (B, 77 N, D)."""
-    hidden, _ = encode_prompts(model.tokenizer, model.text_encoder, prompts, clip_skip)
-    return Conditioning(context=hidden.to(model.dtype))
+    return Conditioning(context=encode_prompts(model.tokenizer, model.text_encoder, prompts, clip_skip).to(model.dtype))
 
 
 def token_ids(model, prompts: list[str]) -> dict[str, torch.Tensor]:

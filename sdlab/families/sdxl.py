@@ -27,12 +27,12 @@ from typing import Any
 
 import torch
 
-from ..conditioning import chunk_count, encode_prompts
+from ..conditioning import chunk_prompts, encode_chunks
 from ..config import ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig, VAEConfig
-from ..diffusion.conditioning import Conditioning
+from ..diffusion.conditioning import Conditioning, split_guidance
 from ..nn.clip import TextEncoder
 from . import ldm, sd1, sd2
-from .base import Component, Family, KeyMap, StateDict
+from .base import Component, Family, KeyMap, StateDict, names_component
 
 EMBEDDERS = "conditioner.embedders."
 CLIP_L_ROOT = EMBEDDERS + "0.transformer."
@@ -128,7 +128,7 @@ class SDXL(Family):
         return ldm.has_unet_and_vae(keys) and _has(keys, CLIP_L_ROOT) and _has(keys, BIGG_ROOT)
 
     def matches_folder(self, index: Mapping[str, Any], component_configs: Mapping[str, Mapping[str, Any]]) -> bool:
-        return _is_xl_pipeline(index) and _named(index, "text_encoder")
+        return _is_xl_pipeline(index) and names_component(index, "text_encoder")
 
     def explain_mismatch(self, keys: Collection[str]) -> str | None:
         if not (ldm.has_unet_and_vae(keys) and _has(keys, EMBEDDERS)):
@@ -187,17 +187,16 @@ class SDXL(Family):
             numbers = [self.time_ids(params, negative=True)] * b + numbers
         time_ids = torch.tensor(numbers, dtype=pooled.dtype, device=pooled.device)  # (B, 6) or (2B, 6)
         both = Conditioning(context=context.to(model.dtype), added=torch.cat([pooled, time_ids], 1).to(model.dtype))
-        if negatives is None:
-            return both, None
-        uncond, cond = both.chunk(2)
-        return cond, uncond
+        return split_guidance(both, negatives is not None)
 
     def encode_text(self, model, texts: list[str], clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """B prompts -> (context (B, 77 N, 2048 or 1280), pooled (B, 1280)): each encoder's penultimate layer
         (clip skip 1; k skips k - 1 more), emphasis applied to each, concatenated; bigG's pooled output."""
         encoders = [(model.tokenizers[self.components[n].tokenizer], model.components[n]) for n in self.text_encoders]
-        n = max(chunk_count(tokenizer, texts) for tokenizer, _ in encoders)  # the same BPE: equal in practice
-        outputs = [encode_prompts(tok, enc, texts, clip_skip + 1, raw=True, min_chunks=n) for tok, enc in encoders]
+        chunked = [chunk_prompts(tokenizer, texts) for tokenizer, _ in encoders]
+        n = max(len(c) for prompts in chunked for c in prompts)
+        outputs = [encode_chunks(tok, enc, chunks, clip_skip + 1, raw=True, n_chunks=n)
+                   for (tok, enc), chunks in zip(encoders, chunked)]
         return torch.cat([hidden for hidden, _ in outputs], dim=-1), outputs[-1][1]
 
     def time_ids(self, params, negative: bool) -> list[float]:
@@ -247,7 +246,7 @@ class SDXLRefiner(SDXL):
                 and not _has(keys, EMBEDDERS + "1."))
 
     def matches_folder(self, index, component_configs) -> bool:
-        return _is_xl_pipeline(index) and not _named(index, "text_encoder")
+        return _is_xl_pipeline(index) and not names_component(index, "text_encoder")
 
     def explain_mismatch(self, keys):
         return None  # the base's explanation covers files with embedders
@@ -275,14 +274,8 @@ def _has(keys: Collection[str], prefix: str) -> bool:
     return any(k.startswith(prefix) for k in keys)
 
 
-def _named(index: Mapping[str, Any], name: str) -> bool:
-    """Whether model_index.json names a component (diffusers writes [null, null] for an absent one)."""
-    entry = index.get(name)
-    return isinstance(entry, list) and len(entry) == 2 and entry[0] is not None
-
-
 def _is_xl_pipeline(index: Mapping[str, Any]) -> bool:
-    return _named(index, "unet") and _named(index, "text_encoder_2")
+    return names_component(index, "unet") and names_component(index, "text_encoder_2")
 
 
 FAMILY = SDXL()
