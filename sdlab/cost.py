@@ -95,8 +95,9 @@ def cost_model(config: ModelConfig) -> CostModel:
     sides = (step, 2 * step, 4 * step)
     pixels = tuple(s * s for s in sides)
     u = config.unet
+    added = (torch.zeros(1, u.added_dim),) if u.added_condition else ()  # SDXL: pooled text + size numbers
     unet_flops = tuple(_count(unet, torch.zeros(1, u.in_channels, s, s), torch.zeros(1),
-                              torch.zeros(1, 77, u.context_dim)) for s in sides)
+                              torch.zeros(1, 77, u.context_dim), *added) for s in sides)
     latent = config.vae.latent_channels
     decode_flops = tuple(_count(vae.decode, torch.zeros(1, latent, s, s)) for s in sides)
     f = config.vae.downscale

@@ -58,3 +58,18 @@ def test_empty_negative_prompt_conditions_on_zeros():
     cond, uncond = families.family_of(model.config).condition(model, ["a"], [""], params)
     assert uncond.context.abs().max() == 0 and uncond.added[:, :32].abs().max() == 0
     assert cond.added[0, 32:].tolist() == [64, 64, 0, 0, 64, 64]  # original size, crop, target size
+
+
+def test_requests_on_sdxl_models_are_priced_with_the_added_embedding():
+    """Server admission prices every request before running it: an SDXL UNet costs its SD-style body plus
+    the two Linear layers of its added-condition MLP (2 FLOP per weight per sample)."""
+    import dataclasses
+
+    from sdlab.cost import cost_model
+
+    u = TINY_SDXL.unet
+    plain = dataclasses.replace(u, added_condition=None, added_input_dim=None)
+    with_added, without = cost_model(TINY_SDXL).unet, cost_model(TINY_SDXL.replace(unet=plain)).unet
+    mlp = 2 * (u.added_input_dim * u.time_embed_dim + u.time_embed_dim * u.time_embed_dim)
+    assert with_added.flops(64) - without.flops(64) == pytest.approx(mlp)
+    assert with_added.flops(256) - without.flops(256) == pytest.approx(mlp)
