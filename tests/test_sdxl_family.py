@@ -1,5 +1,5 @@
 """The SDXL family on tiny configs: generation end to end, single-file round trips, detection and errors.
-(diffusers-folder config translation and image parity with diffusers' SDXL pipelines are still to come.)"""
+(Diffusers folders: test_sdxl_checkpoints.py.)"""
 
 import pytest
 import torch

@@ -8,8 +8,13 @@ Where the names differ:
 | UNetConfig.attention_levels | down_block_types: CrossAttnDownBlock2D (True) / DownBlock2D (False)      |
 | UNetConfig.num_heads        | attention_head_dim (sic: diffusers uses it as the number of heads)       |
 | UNetConfig.head_dim         | attention_head_dim as a per-level list of heads, channels[i] // head_dim |
-| UNetConfig.transformer_depth| transformer_layers_per_block                                             |
+| UNetConfig.transformer_depth| transformer_layers_per_block (one, or one per level: SDXL [1, 2, 10])    |
 | UNetConfig.context_dim      | cross_attention_dim                                                      |
+| UNetConfig.added_condition  | addition_embed_type ("text_time": SDXL's pooled text + size numbers)     |
+| UNetConfig.added_input_dim  | projection_class_embeddings_input_dim (added_time_dim: addition_time_...)|
+| UNetConfig.added_time_ids   | (not in the UNet's config: the family's pipeline, base 6, refiner 5)     |
+| VAEConfig.force_upcast      | force_upcast (read for SDXL, whose pipelines act on it)                  |
+| TextEncoderConfig.projection_dim | projection_dim of a CLIPTextModelWithProjection (else none)         |
 | *.norm_groups               | norm_num_groups                                                          |
 | VAEConfig.channels          | block_out_channels                                                       |
 | TextEncoderConfig.width     | hidden_size (mlp_width: intermediate_size, num_layers: num_hidden_layers)|
@@ -59,7 +64,7 @@ UNET_FIXED: dict[str, Any] = {
     "only_cross_attention": False,
     "dual_cross_attention": False,
     "class_embed_type": None,
-    "addition_embed_type": None,
+    "class_embeddings_concat": False,
     "num_class_embeds": None,
     "encoder_hid_dim": None,
     "time_cond_proj_dim": None,
@@ -68,6 +73,15 @@ UNET_FIXED: dict[str, Any] = {
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
     "attention_type": "default",
+    "cross_attention_norm": None,
+    "encoder_hid_dim_type": None,
+    "mid_block_only_cross_attention": None,
+    "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False,
+    "reverse_transformer_layers_per_block": None,
+    "time_embedding_act_fn": None,
+    "time_embedding_dim": None,
+    "timestep_post_act": None,
 }
 VAE_FIXED: dict[str, Any] = {
     "act_fn": "silu",
@@ -75,8 +89,11 @@ VAE_FIXED: dict[str, Any] = {
     "use_post_quant_conv": True,
     "mid_block_add_attention": True,
 }
+ADDED_CONDITIONS = ("text_time",)  # diffusers' addition_embed_type values sdlab's UNet implements (SDXL's)
 CLIP_ACTIVATIONS = ("quick_gelu", "gelu")
 CLIP_ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection")
+EOS_TOKEN_ID = 49407  # CLIP's <|endoftext|>, the largest id of its vocabulary
+LEGACY_EOS_TOKEN_ID = 2  # what older CLIPTextConfig files say (transformers then takes the largest id)
 MAX_SAMPLE_SIZE = 2048  # the UNet's latent side: SD 64/96, SDXL 128
 _REQUIRED = object()
 
@@ -84,7 +101,12 @@ _REQUIRED = object()
 # --- UNet -----------------------------------------------------------------------------------------------
 
 
-def unet_from_diffusers(d: Mapping[str, Any], where: str = "unet/config.json") -> UNetConfig:
+def unet_from_diffusers(
+    d: Mapping[str, Any], where: str = "unet/config.json", *, added_time_ids: int = 6
+) -> UNetConfig:
+    """A UNet2DConditionModel config dict -> UNetConfig. `added_time_ids` is how many plain numbers follow the
+    pooled text in a `text_time` added vector (SDXL base 6, refiner 5): the UNet's config does not say, its
+    pipeline does, so the family passes it."""
     _check_fixed(d, UNET_FIXED, where)
     channels = _channels(d, where)
     attention = tuple(_attention_levels(d, where))
@@ -102,12 +124,28 @@ def unet_from_diffusers(d: Mapping[str, Any], where: str = "unet/config.json") -
         context_dim=_single_int(d, "cross_attention_dim", where, 1280, "context_dim"),
         num_heads=num_heads,
         head_dim=head_dim,
-        transformer_depth=_single_int(d, "transformer_layers_per_block", where, 1, "transformer_depth"),
+        transformer_depth=_per_level_int(d, "transformer_layers_per_block", where, len(channels), "transformer_depth"),
         use_linear_projection=_bool(d, "use_linear_projection", where, False),
-        upcast_attention=_bool(d, "upcast_attention", where, False),
+        upcast_attention=_bool(d, "upcast_attention", where, False, null=False),  # SDXL's files say null
         norm_groups=_int(d, "norm_num_groups", where, 32, "norm_groups"),
         norm_eps=_number(d, "norm_eps", where, 1e-5, 0.0, 1.0),
+        **_added_condition(d, where, added_time_ids),
     )  # fmt: skip
+
+
+def _added_condition(d: Mapping[str, Any], where: str, added_time_ids: int) -> dict[str, Any]:
+    """The UNetConfig fields of diffusers' added embedding (`addition_embed_type`; none for SD 1.x/2.x)."""
+    kind = d.get("addition_embed_type")
+    if kind is None:
+        return {}
+    if kind not in ADDED_CONDITIONS:
+        raise CheckpointError(f"{where}: addition_embed_type is not supported; use null or one of {ADDED_CONDITIONS}")
+    return {
+        "added_condition": kind,
+        "added_input_dim": _int(d, "projection_class_embeddings_input_dim", where, _REQUIRED, "added_input_dim"),
+        "added_time_dim": _int(d, "addition_time_embed_dim", where, _REQUIRED, "added_time_dim"),
+        "added_time_ids": added_time_ids,
+    }
 
 
 def unet_sample_size(d: Mapping[str, Any], where: str = "unet/config.json") -> int:
@@ -121,7 +159,7 @@ def unet_sample_size(d: Mapping[str, Any], where: str = "unet/config.json") -> i
 def unet_to_diffusers(cfg: UNetConfig, sample_size: int) -> dict[str, Any]:
     """A UNet2DConditionModel config.json dict; `sample_size` is the latent side (image side / 8)."""
     levels = len(cfg.channels)
-    heads = cfg.num_heads if cfg.num_heads is not None else [cfg.heads_at(i) for i in range(levels)]
+    heads = [cfg.heads_at(i) for i in range(levels)] if cfg.num_heads is None else _json_value(cfg.num_heads)
     return {
         "_class_name": "UNet2DConditionModel",
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -134,13 +172,23 @@ def unet_to_diffusers(cfg: UNetConfig, sample_size: int) -> dict[str, Any]:
         "layers_per_block": cfg.layers_per_block,
         "cross_attention_dim": cfg.context_dim,
         "attention_head_dim": heads,  # the number of heads, per diffusers' historical naming
-        "transformer_layers_per_block": cfg.transformer_depth,
+        "transformer_layers_per_block": _json_value(cfg.transformer_depth),
         "use_linear_projection": cfg.use_linear_projection,
         "upcast_attention": cfg.upcast_attention,
         "norm_num_groups": cfg.norm_groups,
         "norm_eps": cfg.norm_eps,
         **UNET_FIXED,
+        "addition_embed_type": cfg.added_condition,
+        **({} if cfg.added_condition is None else {
+            "projection_class_embeddings_input_dim": cfg.added_input_dim,
+            "addition_time_embed_dim": cfg.added_time_dim,
+        }),
     }
+
+
+def _json_value(value):
+    """A config value as JSON holds it (tuples as lists)."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _attention_levels(d: Mapping[str, Any], where: str) -> list[bool]:
@@ -173,18 +221,23 @@ def _heads(d: Mapping[str, Any], channels: tuple[int, ...], where: str) -> tuple
     if len(set(heads)) == 1:
         return heads[0], None
     head_dims = {c // h for c, h in zip(channels, heads, strict=True)}
-    if len(head_dims) != 1 or any(c % h for c, h in zip(channels, heads, strict=True)):
-        raise CheckpointError(
-            f"{where}: {name} (heads per level) gives neither the same number of heads nor the same head size "
-            f"at every level of block_out_channels; sdlab supports those two"
-        )
-    return None, head_dims.pop()
+    if len(head_dims) == 1 and not any(c % h for c, h in zip(channels, heads, strict=True)):
+        return None, head_dims.pop()  # one head size (SDXL: 64), the form sdlab's presets use
+    if any(c % h for c, h in zip(channels, heads, strict=True)):
+        raise CheckpointError(f"{where}: {name} gives a level a number of heads its block_out_channels width "
+                              f"does not divide into")
+    return tuple(heads), None
 
 
 # --- VAE ------------------------------------------------------------------------------------------------
 
 
-def vae_from_diffusers(d: Mapping[str, Any], where: str = "vae/config.json") -> VAEConfig:
+def vae_from_diffusers(
+    d: Mapping[str, Any], where: str = "vae/config.json", *, reads_force_upcast: bool = False
+) -> VAEConfig:
+    """An AutoencoderKL config dict -> VAEConfig. `force_upcast` (decode in fp32 when the model is fp16) is
+    read only where the family's diffusers pipelines act on it (`reads_force_upcast`: SDXL's, where it
+    defaults to true as in diffusers); SD 1.x/2.x pipelines ignore it, and so does sdlab for them."""
     _check_fixed(d, VAE_FIXED, where)
     channels = _channels(d, where)
     for name in ("down_block_types", "up_block_types"):
@@ -204,6 +257,7 @@ def vae_from_diffusers(d: Mapping[str, Any], where: str = "vae/config.json") -> 
         norm_groups=_int(d, "norm_num_groups", where, 32, "norm_groups"),
         scaling_factor=_number(d, "scaling_factor", where, 0.18215, 0.0, 1000.0),
         shift_factor=0.0 if shift is None else _number(d, "shift_factor", where, 0.0, -1000.0, 1000.0),
+        force_upcast=_bool(d, "force_upcast", where, True) if reads_force_upcast else False,
     )  # fmt: skip
 
 
@@ -223,6 +277,7 @@ def vae_to_diffusers(cfg: VAEConfig, sample_size: int) -> dict[str, Any]:
         "norm_num_groups": cfg.norm_groups,
         "scaling_factor": cfg.scaling_factor,
         "shift_factor": cfg.shift_factor or None,
+        "force_upcast": cfg.force_upcast,
         **VAE_FIXED,
     }
 
@@ -248,6 +303,9 @@ def text_encoder_from_transformers(
         raise CheckpointError(f"{where}: hidden_act is not supported; use one of {CLIP_ACTIVATIONS}")
     if pad_token_id is None:
         pad_token_id = TextEncoderConfig.pad_token_id
+    # CLIPTextModel configs carry a projection_dim too; only CLIPTextModelWithProjection has the projection.
+    projected = architectures[0] == "CLIPTextModelWithProjection"
+    eos = d.get("eos_token_id", LEGACY_EOS_TOKEN_ID)
     return _build(TextEncoderConfig, where,
         vocab_size=_int(d, "vocab_size", where, 49408, "vocab_size"),
         max_length=_int(d, "max_position_embeddings", where, 77, "max_length"),
@@ -258,12 +316,19 @@ def text_encoder_from_transformers(
         activation=activation,
         layer_norm_eps=_number(d, "layer_norm_eps", where, 1e-5, 0.0, 1.0),
         pad_token_id=pad_token_id,
+        projection_dim=_int(d, "projection_dim", where, _REQUIRED, "width") if projected else None,
+        # transformers' two rules for finding the end-of-text token (TextEncoderConfig.eos_token_id): the
+        # legacy id 2 means "the largest id"; with CLIP's vocabulary, where <|endoftext|> is the largest id,
+        # looking for the first 49407 finds the same position.
+        eos_token_id=None if eos in (LEGACY_EOS_TOKEN_ID, EOS_TOKEN_ID) else _int(
+            d, "eos_token_id", where, _REQUIRED, "vocab_size", low=0),
     )  # fmt: skip
 
 
 def text_encoder_to_transformers(cfg: TextEncoderConfig) -> dict[str, Any]:
+    projected = cfg.projection_dim is not None
     return {
-        "architectures": ["CLIPTextModel"],
+        "architectures": ["CLIPTextModelWithProjection" if projected else "CLIPTextModel"],
         "model_type": "clip_text_model",
         "vocab_size": cfg.vocab_size,
         "max_position_embeddings": cfg.max_length,
@@ -273,9 +338,9 @@ def text_encoder_to_transformers(cfg: TextEncoderConfig) -> dict[str, Any]:
         "num_attention_heads": cfg.num_heads,
         "hidden_act": cfg.activation,
         "layer_norm_eps": cfg.layer_norm_eps,
-        "projection_dim": cfg.width,
+        "projection_dim": cfg.projection_dim if projected else cfg.width,
         "bos_token_id": 49406,
-        "eos_token_id": 49407,
+        "eos_token_id": EOS_TOKEN_ID if cfg.eos_token_id is None else cfg.eos_token_id,
         "pad_token_id": cfg.pad_token_id,
         "attention_dropout": 0.0,
         "dropout": 0.0,
@@ -323,10 +388,13 @@ def _default_spacing(scheduler_class: str) -> str:
     return "leading" if scheduler_class in leading else "linspace"
 
 
-def schedule_to_diffusers(cfg: ScheduleConfig, prediction: str) -> dict[str, Any]:
-    """The scheduler SD ships with: PNDM for epsilon models, DDIM for v-prediction ones (as SD 2.1 does)."""
+def schedule_to_diffusers(cfg: ScheduleConfig, prediction: str, scheduler_class: str | None = None) -> dict[str, Any]:
+    """A scheduler config of `scheduler_class` (the family's; SDXL ships EulerDiscreteScheduler), or else the
+    one SD ships with: PNDM for epsilon models, DDIM for v-prediction ones (as SD 2.1 does). The fields are
+    those every diffusers scheduler reads the training schedule from; each class ignores the others."""
+    default = "PNDMScheduler" if prediction == "epsilon" else "DDIMScheduler"
     return {
-        "_class_name": "PNDMScheduler" if prediction == "epsilon" else "DDIMScheduler",
+        "_class_name": scheduler_class or default,
         "_diffusers_version": DIFFUSERS_VERSION,
         "num_train_timesteps": cfg.num_train_timesteps,
         "beta_start": cfg.beta_start,
@@ -480,6 +548,20 @@ def _single_int(d: Mapping[str, Any], name: str, where: str, default, limit: str
     return _int({name: value}, name, where, _REQUIRED, limit)
 
 
+def _per_level_int(d: Mapping[str, Any], name: str, where: str, levels: int, limit: str) -> int | tuple[int, ...]:
+    """A field that is one integer for all levels or a list of one per level (diffusers writes SDXL's
+    transformer depths as [1, 2, 10])."""
+    value = _value(d, name, where, 1)
+    if not isinstance(value, list):
+        return _int(d, name, where, 1, limit)
+    low, high = SIZE_LIMITS[limit]
+    if len(value) != levels or not all(_is_int(v) and low <= v <= high for v in value):
+        raise CheckpointError(
+            f"{where}: {name} must be an integer from {low} to {high} or a list of {levels} of them (one per level)"
+        )
+    return value[0] if len(set(value)) == 1 else tuple(value)
+
+
 def _channels(d: Mapping[str, Any], where: str) -> tuple[int, ...]:
     value = _value(d, "block_out_channels", where, _REQUIRED)
     low, high = SIZE_LIMITS["channels"]
@@ -493,8 +575,11 @@ def _channels(d: Mapping[str, Any], where: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _bool(d: Mapping[str, Any], name: str, where: str, default: bool) -> bool:
+def _bool(d: Mapping[str, Any], name: str, where: str, default: bool, *, null: bool | None = None) -> bool:
+    """A true/false field; `null` is what a JSON null means, for fields diffusers also accepts as null."""
     value = _value(d, name, where, default)
+    if value is None and null is not None:
+        return null
     if not isinstance(value, bool):
         raise CheckpointError(f"{where}: {name} must be true or false (got {describe_type(value)})")
     return value

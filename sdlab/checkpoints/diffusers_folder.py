@@ -37,7 +37,7 @@ from .io import check_path, check_regular_file, read_checkpoint, read_small_file
 log = logging.getLogger(__name__)
 
 MODEL_INDEX = "model_index.json"
-GUIDANCE_KEY = "_sdlab_default_guidance"  # in model_index.json, written only when it is not 7
+GUIDANCE_KEY = "_sdlab_default_guidance"  # in model_index.json, written only when it is not the family's
 TOKENIZER_DATA = ("vocab.json", "merges.txt")
 MAX_JSON_BYTES = 16 * 2**20  # config.json files are ~1 KB, a shard index ~100 KB, CLIP's vocab.json ~1 MB
 MAX_TOKENIZER_FILE = 16 * 2**20  # CLIP's vocab.json and merges.txt are 1.0 and 0.5 MB
@@ -93,7 +93,7 @@ def read_folder_config(folder: Path) -> ModelConfig:
         str(folder),
         name=folder.name, family=family.name, schedule=schedule, prediction=prediction,
         default_size=configs.unet_sample_size(named["unet"], str(unet_file)) * networks["vae"].downscale,
-        default_guidance=_default_guidance(index, folder / MODEL_INDEX),
+        default_guidance=_default_guidance(index, family, folder / MODEL_INDEX),
         **ModelConfig.network_fields(networks),
     )
     return configs.named_like_preset(config, folder.name)
@@ -110,10 +110,10 @@ def tokenizer_dirs(folder: Path, family: Family) -> dict[str, Path]:
     return found
 
 
-def _default_guidance(index: Mapping[str, Any], where: Path) -> float:
+def _default_guidance(index: Mapping[str, Any], family: Family, where: Path) -> float:
     """The model's own default CFG scale: sdlab's key in model_index.json (diffusers ignores keys that start
-    with "_"), else Stable Diffusion's usual 7."""
-    value = index.get(GUIDANCE_KEY, ModelConfig.default_guidance)
+    with "_"), else the family's (SD 7, SDXL 5)."""
+    value = index.get(GUIDANCE_KEY, family.default_guidance)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
         raise CheckpointError(f"{where}: {GUIDANCE_KEY} is not a number from 0 to 100")
     return float(value)
@@ -254,9 +254,10 @@ def write_folder(
     suffix = f".{variant}" if variant else ""
     with atomic_folder(folder, overwrite=overwrite) as tmp:
         _write_json(tmp / MODEL_INDEX, _model_index(config))
-        scheduler = configs.schedule_to_diffusers(config.schedule, config.prediction)
+        family = families.family_of(config)
+        scheduler = configs.schedule_to_diffusers(config.schedule, config.prediction, family.diffusers_scheduler)
         _write_json(tmp / "scheduler" / "scheduler_config.json", scheduler)
-        for name, component in families.family_of(config).components.items():
+        for name, component in family.components.items():
             network = config.network(name)
             _write_json(tmp / name / "config.json", component.write_config(network, config))
             if component.tokenizer:
@@ -295,15 +296,13 @@ def cast(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict
 
 def _model_index(config: ModelConfig) -> dict[str, Any]:
     family = families.family_of(config)
-    scheduler = configs.schedule_to_diffusers(config.schedule, config.prediction)["_class_name"]
-    own_guidance = config.default_guidance != ModelConfig.default_guidance
+    scheduler = configs.schedule_to_diffusers(config.schedule, config.prediction, family.diffusers_scheduler)
+    scheduler = scheduler["_class_name"]
+    own_guidance = config.default_guidance != family.default_guidance
     guidance = {GUIDANCE_KEY: config.default_guidance} if own_guidance else {}
     return {
         "_class_name": family.pipeline_class(config),
         "_diffusers_version": configs.DIFFUSERS_VERSION,
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
         "scheduler": ["diffusers", scheduler],
         **{c.tokenizer: ["transformers", "CLIPTokenizer"] for c in family.components.values() if c.tokenizer},
         **{name: [c.library, c.classes[0]] for name, c in family.components.items()},

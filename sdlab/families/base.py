@@ -111,6 +111,8 @@ class Family:
     components: Mapping[str, Component]  # in the order they are built (random weights depend on it)
     pipelines: Mapping[str, str]  # diffusers pipeline class by kind: "txt2img", "inpaint"
     default_pad_token_id: int  # the padding token when a folder's tokenizer names none
+    default_guidance: float = 7.0  # the CFG scale of its diffusers pipelines (SD 7.5 in diffusers, 7 in A1111)
+    diffusers_scheduler: str | None = None  # the scheduler class its folders ship (None: SD's PNDM / DDIM)
 
     def matches_keys(self, keys: Collection[str]) -> bool:
         """Whether an original-layout state dict with these keys is of this family."""

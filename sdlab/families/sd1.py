@@ -119,6 +119,9 @@ class SD1(TextContextConditioner, Family):
     def keymaps(self, config: ModelConfig) -> dict[str, KeyMap]:
         return ldm.keymaps(config, clip_keymap(config.text_encoder))
 
+    def model_index_extras(self, config: ModelConfig) -> dict[str, Any]:
+        return NO_SAFETY_CHECKER
+
 
 def text_conditioning(model, prompts: list[str], clip_skip: int = 1) -> Conditioning:
     """SD 1.x/2.x condition on the text encoder's hidden states only: context (B, 77 N, D)."""
@@ -143,6 +146,10 @@ def with_text_model_level(state_dict: Mapping[str, torch.Tensor], root: str) -> 
             key = root + TEXT_MODEL + key[len(root):]
         out[key] = value
     return out
+
+
+# What SD 1.x/2.x model_index.json files say of the safety checker, which sdlab neither has nor writes.
+NO_SAFETY_CHECKER = {"feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None]}
 
 
 def is_sd_pipeline(index: Mapping[str, Any]) -> bool:

@@ -22,7 +22,7 @@ import torch
 from ..config import ModelConfig, TextEncoderConfig, UNetConfig
 from . import ldm
 from .base import Family, KeyMap
-from .sd1 import COMPONENTS, PIPELINES, TextContextConditioner, is_sd_pipeline
+from .sd1 import COMPONENTS, NO_SAFETY_CHECKER, PIPELINES, TextContextConditioner, is_sd_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,9 @@ class SD2(TextContextConditioner, Family):
 
     def keymaps(self, config: ModelConfig) -> dict[str, KeyMap]:
         return ldm.keymaps(config, openclip_keymap(config.text_encoder))
+
+    def model_index_extras(self, config: ModelConfig) -> dict[str, Any]:
+        return NO_SAFETY_CHECKER
 
 
 def openclip_keymap(cfg: TextEncoderConfig, root: str = OPENCLIP_ROOT) -> KeyMap:

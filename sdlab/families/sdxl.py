@@ -107,7 +107,14 @@ TEXT_ENCODER_2 = Component(
     write_config=lambda cfg, model: _configs().text_encoder_to_transformers(cfg),
     tokenizer="tokenizer_2", lora_prefix="lora_te2_", default_pad_token_id=0,
 )
-UNET, VAE = sd1.COMPONENTS["unet"], sd1.COMPONENTS["vae"]
+# A diffusers UNet config does not say how many size numbers follow the pooled text in its added vector
+# (the pipeline decides: base 6, refiner 5); SDXL's pipelines upcast an fp16 VAE when its config asks.
+UNET = dataclasses.replace(
+    sd1.COMPONENTS["unet"], read_config=lambda d, where, pad: _configs().unet_from_diffusers(d, where, added_time_ids=6))
+REFINER_UNET = dataclasses.replace(
+    UNET, read_config=lambda d, where, pad: _configs().unet_from_diffusers(d, where, added_time_ids=5))
+VAE = dataclasses.replace(
+    sd1.COMPONENTS["vae"], read_config=lambda d, where, pad: _configs().vae_from_diffusers(d, where, reads_force_upcast=True))
 
 
 class SDXL(Family):
@@ -119,6 +126,8 @@ class SDXL(Family):
     components = {"text_encoder": TEXT_ENCODER, "text_encoder_2": TEXT_ENCODER_2, "unet": UNET, "vae": VAE}
     pipelines = {"txt2img": "StableDiffusionXLPipeline", "inpaint": "StableDiffusionXLInpaintPipeline"}
     default_pad_token_id = 0
+    default_guidance = 5.0  # StableDiffusionXLPipeline's guidance_scale
+    diffusers_scheduler = "EulerDiscreteScheduler"
     zero_empty_negative = True  # diffusers' force_zeros_for_empty_prompt
     bigg_root = BIGG_ROOT
 
@@ -236,7 +245,7 @@ class SDXLRefiner(SDXL):
     name = "sdxl-refiner"
     label = "SDXL refiner (OpenCLIP ViT-bigG/14 text encoder, 1280-wide context, aesthetic-score conditioning)"
     presets = (SDXL_REFINER, TINY_SDXL_REFINER)
-    components = {"text_encoder_2": TEXT_ENCODER_2, "unet": UNET, "vae": VAE}
+    components = {"text_encoder_2": TEXT_ENCODER_2, "unet": REFINER_UNET, "vae": VAE}
     pipelines = {"txt2img": "StableDiffusionXLImg2ImgPipeline", "inpaint": "StableDiffusionXLInpaintPipeline"}
     zero_empty_negative = False
     bigg_root = REFINER_BIGG_ROOT
