@@ -5,14 +5,23 @@
     result = sdlab.generate(model, sdlab.GenerationParams(prompt="a lighthouse at dusk", seed=7))
     result.images[0].save("lighthouse.png")
 
-A diffusers-style `StableDiffusionPipeline` (and Img2Img / Inpaint) is there too for existing scripts.
+Diffusers-style pipelines (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`, their Img2Img / Inpaint
+classes and `DiffusionPipeline`) are there too for existing scripts.
 """
 
 from .config import PRESETS, ModelConfig
 from .generation import GenerationResult, StepInfo, decode_latents, generate
 from .model import Model
 from .params import GenerationParams
-from .pipeline import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+from .pipeline import (
+    DiffusionPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+)
 
 __version__ = "0.1.0"
 
@@ -21,5 +30,6 @@ load = Model.load
 __all__ = [
     "load", "generate", "GenerationParams", "GenerationResult", "StepInfo", "Model", "ModelConfig", "PRESETS",
     "decode_latents", "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
-    "StableDiffusionInpaintPipeline",
+    "StableDiffusionInpaintPipeline", "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline", "DiffusionPipeline",
 ]  # fmt: skip

@@ -21,7 +21,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Mapping
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,10 +30,10 @@ import torch.nn.functional as F
 
 from . import rng
 from .deepcache import DeepCacheUNet
-from .diffusion.denoisers import GuidedDenoiser, MaskedDenoiser, ModelDenoiser
+from .diffusion.denoisers import GuidedDenoiser, MaskedDenoiser, ModelDenoiser, SwitchingDenoiser
 from .diffusion.registry import SamplerSpec, get_sampler, with_options
 from .diffusion.samplers import SamplingInterrupted
-from .diffusion.schedules import NoiseSchedule, ve_to_vp
+from .diffusion.schedules import NoiseSchedule, ve_to_vp, vp_to_ve
 from .errors import ParameterError, SdlabError
 from .families import family_of, latent_format
 from .images import to_mask, to_pil, to_pixels
@@ -45,6 +45,8 @@ from .tome import token_merging
 
 log = logging.getLogger(__name__)
 
+DEFAULT_REFINER_SWITCH = 0.8  # A1111's "Switch at" default: the refiner runs the last 20% of the schedule
+
 
 class NumericalError(SdlabError):
     """NaN or infinity appeared during generation (often fp16 overflow: try fp32 or bf16)."""
@@ -52,10 +54,11 @@ class NumericalError(SdlabError):
 
 @dataclass
 class GenerationResult:
-    images: list  # PIL images
+    images: list  # PIL images (none when the run stopped part-way through the schedule: `denoising_end`)
     params: GenerationParams  # resolved: size and seed filled in
-    latents: torch.Tensor  # (B, 4, h, w), the final (scaled) latents
+    latents: torch.Tensor  # (B, 4, h, w): the (scaled) DDPM latents at noise level `sigma` (0: the final ones)
     interrupted: bool = False
+    sigma: float = 0.0  # > 0 when `denoising_end` stopped the run before the end of the schedule
 
 
 @dataclass
@@ -73,9 +76,12 @@ class StepInfo:
 def generate(model, params: GenerationParams, *, generator: rng.Generator = None,
              callback: Callable[[StepInfo], None] | None = None,
              interrupt: Callable[[], bool] | None = None, abort: Callable[[], bool] | None = None,
-             named_loras: Mapping[str, LoRASource] | None = None) -> GenerationResult:
+             named_loras: Mapping[str, LoRASource] | None = None, refiner=None) -> GenerationResult:
     """Generate `params.batch_size` images. Image i uses seed `params.seed + i` unless `generator` is given
     (a torch.Generator or a list, one per image, as diffusers takes them).
+
+    `refiner` (a Model, e.g. the SDXL refiner) takes over the sampling run once `params.refiner_switch_at`
+    (default 0.8) of the schedule is done, as A1111's `refiner_checkpoint` / `refiner_switch_at` do.
 
     Stopping part-way: `interrupt()` is asked before every sampler step; True ends sampling, and the latest
     x0 estimate is decoded (`result.interrupted`). `abort()` is asked as every module of every network is
@@ -96,7 +102,7 @@ def generate(model, params: GenerationParams, *, generator: rng.Generator = None
         for source, weight in loras:
             merged.enter_context(apply_lora(model, source, weight))
         return sample_batch(model, [prompt] * n, [params.negative_prompt] * n, params, generator,
-                            callback=callback, interrupt=interrupt, abort=abort)
+                            callback=callback, interrupt=interrupt, abort=abort, refiner=refiner)
 
 
 def _named_lora(name: str, named_loras: Mapping[str, LoRASource] | None) -> LoRASource:
@@ -115,24 +121,86 @@ def _named_lora(name: str, named_loras: Mapping[str, LoRASource] | None) -> LoRA
 
 @torch.no_grad()
 def sample_batch(model, prompts: list[str], negatives: list[str], params: GenerationParams,
-                 generator: rng.Generator, *, callback=None, interrupt=None, abort=None) -> GenerationResult:
-    """The loop behind `generate`, for one batch of (prompt, negative prompt) pairs; `params` resolved."""
-    with abort_between_blocks((*model.components.values(), model.tiny_decoder), abort):
-        return _sample_batch(model, prompts, negatives, params, generator, callback, interrupt)
+                 generator: rng.Generator, *, callback=None, interrupt=None, abort=None, refiner=None,
+                 denoising_start: float | None = None, denoising_end: float | None = None,
+                 init_latents: torch.Tensor | None = None,
+                 zero_empty_negatives: bool | None = None) -> GenerationResult:
+    """The loop behind `generate`, for one batch of (prompt, negative prompt) pairs; `params` resolved.
+
+    diffusers' "ensemble of experts" (the drop-in SDXL pipelines use these): `denoising_end` (a fraction of
+    the training timesteps) stops the run after the steps whose timestep is at least
+    round(T - denoising_end * T) and returns the latents at that noise level without decoding;
+    `denoising_start` runs only the steps below round(T - denoising_start * T), starting from
+    `init_latents` as they are (the latents such a run returned). `init_latents` (B or 1, 4, h, w) without
+    `denoising_start` stand for an image's latents (img2img: noised to the first step's level, as an encoded
+    image would be). `zero_empty_negatives` overrides the family's rule for empty negative prompts (SDXL
+    base: zeros; diffusers encodes a negative prompt given as "")."""
+    networks = [*model.components.values(), model.tiny_decoder]
+    if refiner is not None:
+        networks += refiner.components.values()
+    with abort_between_blocks(networks, abort):
+        return _sample_batch(model, prompts, negatives, params, generator, callback, interrupt, refiner,
+                             _Window(denoising_start, denoising_end), init_latents, zero_empty_negatives)
 
 
-def _sample_batch(model, prompts, negatives, params, generator, callback, interrupt) -> GenerationResult:
-    spec = _sampler(params)
+@dataclass(frozen=True)
+class _Window:
+    """The part of the schedule a run covers, as diffusers' denoising_start / denoising_end fractions."""
+
+    start: float | None = None
+    end: float | None = None
+
+    def steps(self, schedule: NoiseSchedule, sigmas: torch.Tensor, first: int) -> tuple[int, int]:
+        """(first, last) step indices into `sigmas` (N + 1 levels for N steps) the run goes from and to."""
+        last = len(sigmas) - 1
+        if self.start is None and self.end is None:
+            return first, last
+        timesteps = schedule.sigma_to_t(sigmas[:-1]).double().round(decimals=4)  # diffusers' t of each step
+        total = schedule.num_timesteps
+        if self.start is not None:
+            below = int((timesteps < int(round(total - self.start * total))).sum())
+            first = last - below
+        if self.end is not None:
+            last = max(int((timesteps >= int(round(total - self.end * total))).sum()), first)
+        return first, last
+
+
+def run_window(model, params: GenerationParams, denoising_start: float | None = None,
+               denoising_end: float | None = None) -> tuple[float, float]:
+    """(the noise level a run starts at, the one it stops at) for resolved `params` and diffusers'
+    denoising_start / denoising_end fractions (see `sample_batch`)."""
+    schedule, sigmas = _schedule(model, params, _sampler(params))
+    first, last = _Window(denoising_start, denoising_end).steps(schedule, sigmas, _first_step(params, params.mode))
+    return float(sigmas[first]), float(sigmas[last])
+
+
+def _schedule(model, params: GenerationParams, spec: SamplerSpec) -> tuple[NoiseSchedule, torch.Tensor]:
+    """The model's training noise schedule and the run's sigmas (steps + 1 levels, the last 0 or sigma_min)."""
     train = model.config.schedule
     schedule = NoiseSchedule.from_config(train)
     sigmas = spec.make_sigmas(schedule, params.steps, schedule=params.schedule.lower(),
                               spacing=train.timestep_spacing, steps_offset=train.steps_offset)
-    start = _first_step(params)
+    return schedule, sigmas
+
+
+def _sample_batch(model, prompts, negatives, params, generator, callback, interrupt, refiner, window,
+                  init_latents, zero_empty_negatives) -> GenerationResult:
+    spec = _sampler(params)
+    schedule, sigmas = _schedule(model, params, spec)
+    image_mode = params.mode if init_latents is None else "img2img"
+    start, end = window.steps(schedule, sigmas, _first_step(params, image_mode))
     unet = model.unet if params.deepcache == 1 else DeepCacheUNet(model.unet, params.deepcache)
     denoiser = ModelDenoiser(unet, schedule, model.config.prediction, quantize=spec.quantize(params.schedule))
-    cond, uncond = _conditionings(model, prompts, negatives, params)
-    x, denoiser = _start(model, params, denoiser, cond, uncond, spec, sigmas, start, generator)
-    sigmas = sigmas[start:]
+    cond, uncond = _conditionings(model, prompts, negatives, params, zero_empty_negatives)
+    if window.start is not None and init_latents is not None:  # continue a run that stopped at sigmas[start]
+        x = vp_to_ve(_batch_of(init_latents, len(cond)).to(model.device, model.dtype), sigmas[start])
+        denoiser = GuidedDenoiser(denoiser, cond, uncond, params.cfg_scale, rescale=params.guidance_rescale)
+    else:
+        x, denoiser = _start(model, params, image_mode, denoiser, cond, uncond, spec, sigmas, start, generator,
+                             init_latents)
+    if refiner is not None:
+        denoiser = _with_refiner(model, refiner, denoiser, prompts, negatives, params, spec, schedule)
+    sigmas = sigmas[start:end + 1]
     watcher = _StepWatcher(params, len(sigmas) - 1, callback)
     interrupted = False
     try:
@@ -141,10 +209,39 @@ def _sample_batch(model, prompts, negatives, params, generator, callback, interr
                 x = spec.sample(denoiser, x, sigmas, generator=generator, callback=watcher, interrupt=interrupt)
     except SamplingInterrupted as stop:
         x, interrupted = (stop.denoised if stop.denoised is not None else stop.x), True
-    latents = ve_to_vp(x, sigmas[-1]) if not interrupted else x
+    sigma = 0.0 if interrupted else float(sigmas[-1])
+    latents = ve_to_vp(x, sigma)
     _check_finite(latents, "the final latents")
-    images = decode_latents(model, latents)
+    if window.end is not None and sigma > 0 and end < params.steps and not interrupted:
+        return GenerationResult([], params, latents, interrupted, sigma)  # a later run continues from here
+    decoder = refiner if isinstance(denoiser, SwitchingDenoiser) and denoiser.switched else model
+    images = decode_latents(decoder, latents)
     return GenerationResult(images, params, latents, interrupted)
+
+
+def _with_refiner(model, refiner, denoiser, prompts, negatives, params, spec, schedule) -> SwitchingDenoiser:
+    """The base's denoiser, then the refiner's (its own conditioner and time ids) from the switch on."""
+    if params.mode == "inpaint":
+        raise ParameterError("a refiner is not supported for inpainting yet; refine the inpainted image with "
+                             "img2img instead")
+    if latent_format(refiner.config) != latent_format(model.config):
+        raise ParameterError(
+            f"the refiner {refiner.config.name!r} works on other latents ({latent_format(refiner.config)}) than "
+            f"the model {model.config.name!r} ({latent_format(model.config)}); pick a refiner of the same family")
+    refiner_params = params.resolved(refiner.config).replace(seed=params.seed)
+    r_schedule = NoiseSchedule.from_config(refiner.config.schedule)
+    r_denoiser = ModelDenoiser(refiner.unet, r_schedule, refiner.config.prediction,
+                               quantize=spec.quantize(params.schedule))
+    cond, uncond = _conditionings(refiner, prompts, negatives, refiner_params, None)
+    guided = GuidedDenoiser(r_denoiser, cond, uncond, params.cfg_scale, rescale=params.guidance_rescale)
+    switch_at = params.refiner_switch_at if params.refiner_switch_at is not None else DEFAULT_REFINER_SWITCH
+    return SwitchingDenoiser(denoiser, guided, schedule, switch_at)
+
+
+def _batch_of(latents: torch.Tensor, n: int) -> torch.Tensor:
+    if latents.ndim != 4 or latents.shape[0] not in (1, n):
+        raise ParameterError(f"init_latents must be (1 or {n}, C, h, w); got {tuple(latents.shape)}")
+    return latents.expand(n, -1, -1, -1)
 
 
 def _sampler(params: GenerationParams) -> SamplerSpec:
@@ -157,28 +254,34 @@ def _sampler(params: GenerationParams) -> SamplerSpec:
     return spec
 
 
-def _first_step(params: GenerationParams) -> int:
+def _first_step(params: GenerationParams, mode: str) -> int:
     """img2img runs the last `strength` fraction of the schedule (diffusers' rule: int(steps * strength))."""
-    if params.mode == "txt2img":
+    if mode == "txt2img":
         return 0
     return params.steps - min(int(params.steps * params.strength), params.steps)
 
 
-def _conditionings(model, prompts, negatives, params):
+def _conditionings(model, prompts, negatives, params, zero_empty_negatives=None):
     """(cond, uncond) Conditionings from the family's conditioner (one call for both); uncond is None when
     guidance is off (scale 1)."""
     guided = params.cfg_scale != 1.0
-    cond, uncond = family_of(model.config).condition(model, prompts, negatives if guided else None, params)
+    cond, uncond = family_of(model.config).condition(model, prompts, negatives if guided else None, params,
+                                                     zero_empty_negatives=zero_empty_negatives)
     _check_finite(cond.context, "the text encoder's output")
     return cond, uncond
 
 
-def _start(model, params, denoiser, cond, uncond, spec, sigmas, start, generator):
+def _start(model, params, mode, denoiser, cond, uncond, spec, sigmas, start, generator, init_latents):
     """The initial x (B, 4, h, w) at sigmas[start] and the denoiser the loop calls."""
     f = model.config.vae.downscale
     shape = (len(cond), latent_format(model.config).channels, params.height // f, params.width // f)
-    if params.mode == "txt2img":
+    if mode == "txt2img":
         x = rng.randn(shape, generator, device=model.device, dtype=model.dtype) * _initial_scale(model, spec, sigmas)
+        return x, GuidedDenoiser(denoiser, cond, uncond, params.cfg_scale, rescale=params.guidance_rescale)
+    if init_latents is not None:  # an image given as its latents (diffusers' img2img takes them as `image`)
+        image_latents = _batch_of(init_latents, shape[0]).to(model.device, model.dtype)
+        noise = rng.randn(image_latents.shape, generator, device=model.device, dtype=model.dtype)
+        x = image_latents + noise * sigmas[start]
         return x, GuidedDenoiser(denoiser, cond, uncond, params.cfg_scale, rescale=params.guidance_rescale)
     return _start_from_image(model, params, denoiser, cond, uncond, spec, sigmas, start, generator, shape)
 
@@ -220,7 +323,9 @@ def encode_image(model, pixels: torch.Tensor, batch: int, generator: rng.Generat
     """One image (1, 3, H, W) in [-1, 1] -> `batch` scaled latents (B, 4, h, w), sampled from the VAE's
     posterior. With one generator the sample is drawn once and repeated (as diffusers does); with a list,
     each image draws its own from its generator."""
-    mean, logvar = model.vae.encode(pixels)
+    with _vae_precision(model) as dtype:
+        mean, logvar = model.vae.encode(pixels.to(dtype))
+        mean, logvar = mean.to(model.dtype), logvar.to(model.dtype)
     if isinstance(generator, (list, tuple)):
         mean, logvar = mean.expand(batch, -1, -1, -1), logvar.expand(batch, -1, -1, -1)
     z = mean + (0.5 * logvar).exp() * rng.randn_like(mean, generator)
@@ -233,9 +338,27 @@ def decode_latents(model, latents: torch.Tensor) -> list:
     if model.tiny_decoder is not None:  # TAESD decodes the UNet's latents as they are
         pixels = model.tiny_decoder(latents.to(next(model.tiny_decoder.parameters()).dtype))
     else:
-        pixels = model.vae.decode(latent_format(model.config).from_diffusion(latents.to(model.dtype)))
+        with _vae_precision(model) as dtype:
+            pixels = model.vae.decode(latent_format(model.config).from_diffusion(latents.to(dtype)))
     _check_finite(pixels, "the VAE decoder's output")
     return to_pil(pixels)
+
+
+@contextmanager
+def _vae_precision(model):
+    """The dtype the VAE runs in: the model's, except fp32 for an fp16 model whose VAE config asks for
+    `force_upcast` (SDXL's VAE overflows in fp16; diffusers' SDXL pipelines upcast it the same way). The VAE
+    is cast for the call and back afterwards."""
+    vae = model.vae
+    dtype = next(vae.parameters()).dtype
+    if not (dtype == torch.float16 and model.config.vae.force_upcast):
+        yield dtype
+        return
+    vae.to(torch.float32)
+    try:
+        yield torch.float32
+    finally:
+        vae.to(dtype)
 
 
 class _StepWatcher:

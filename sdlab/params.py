@@ -72,6 +72,9 @@ class GenerationParams:
     # The SDXL refiner's aesthetic-score condition (diffusers' and A1111's defaults).
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
+    # With a refiner model (`generate(..., refiner=...)`): the fraction of the schedule after which it takes
+    # over (A1111's refiner_switch_at; None: 0.8).
+    refiner_switch_at: float | None = None
 
     @property
     def mode(self) -> str:
@@ -120,6 +123,8 @@ class GenerationParams:
         _check_range("token_merging", self.token_merging, 0.0, MAX_TOKEN_MERGING)
         if self.eta is not None:
             _check_range("eta", self.eta, 0.0, 10.0)
+        if self.refiner_switch_at is not None:
+            _check_range("refiner_switch_at", self.refiner_switch_at, 0.0, 1.0)
         get_sampler(self.sampler)  # raises, listing the valid names
         if self.schedule is not None and self.schedule.lower() not in SCHEDULES:
             raise ParameterError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")

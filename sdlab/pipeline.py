@@ -4,11 +4,19 @@
     pipe = StableDiffusionPipeline.from_pretrained("runwayml/stable-diffusion-v1-5", torch_dtype=torch.float32)
     image = pipe("a photo of an astronaut", num_inference_steps=25, generator=torch.Generator().manual_seed(0)).images[0]
 
+    from sdlab import StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline   # SDXL base + refiner
+    base = StableDiffusionXLPipeline.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0")
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained("stabilityai/stable-diffusion-xl-refiner-1.0",
+                                                               text_encoder_2=base.text_encoder_2, vae=base.vae)
+    latents = base(prompt, num_inference_steps=40, denoising_end=0.8, output_type="latent").images
+    image = refiner(prompt, num_inference_steps=40, denoising_start=0.8, image=latents).images[0]
+
 Everything is delegated to `sdlab.generation.sample_batch`. Differences from diffusers' semantics are
 noted where they exist: `clip_skip` counts skipped layers as diffusers does (sdlab's own API uses
-A1111's convention, skipped + 1); prompts longer than 75 tokens are chunked (A1111) instead of truncated.
-The sampler is the model folder's scheduler unless `pipe.sampler` is set to any name of
-`sdlab.diffusion.registry` (e.g. "DPM++ 2M" with `pipe.schedule = "karras"`).
+A1111's convention, skipped + 1), and applies to the negative prompt too (diffusers' SDXL pipelines encode
+the negative prompt from the penultimate layer whatever clip_skip says); prompts longer than 75 tokens are
+chunked (A1111) instead of truncated. The sampler is the model folder's scheduler unless `pipe.sampler` is
+set to any name of `sdlab.diffusion.registry` (e.g. "DPM++ 2M" with `pipe.schedule = "karras"`).
 """
 
 from __future__ import annotations
@@ -18,10 +26,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
-from .errors import CheckpointError
-from .generation import sample_batch
+from . import families
+from .diffusion.registry import get_sampler
+from .diffusion.schedules import ve_to_vp, vp_to_ve
+from .errors import CheckpointError, ParameterError
+from .generation import run_window, sample_batch
 from .model import Model
 from .params import GenerationParams
 
@@ -33,31 +46,48 @@ SCHEDULER_SAMPLERS = {
     "KDPM2AncestralDiscreteScheduler": "DPM2 a", "DPMSolverMultistepScheduler": "DPM++ 2M",
     "DPMSolverSDEScheduler": "DPM++ SDE", "UniPCMultistepScheduler": "UniPC", "LCMScheduler": "LCM",
 }  # fmt: skip
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+AESTHETICS_FLAG = "requires_aesthetics_score"  # the SDXL refiner's pipeline config (model_index.json)
 
 
 @dataclass
 class PipelineOutput:
-    images: list  # PIL images
+    images: list | np.ndarray | torch.Tensor  # PIL images; (B, H, W, 3) / (B, 3, H, W) in [0, 1]; latents
 
 
 class StableDiffusionPipeline:
     """txt2img; `image=` makes it img2img and `mask_image=` inpainting, as diffusers' three pipelines."""
 
     default_strength = 0.8
+    default_guidance = 7.5
 
     def __init__(self, model: Model, sampler: str = "PLMS", schedule: str = "automatic"):
         self.model, self.sampler, self.schedule = model, sampler, schedule
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
-                        variant: str | None = None, **_ignored) -> StableDiffusionPipeline:
+                        variant: str | None = None, use_safetensors: bool | None = None,
+                        **components) -> StableDiffusionPipeline:
         """A local diffusers folder, a single checkpoint file, or a Hugging Face model id found in the local
-        cache (or downloaded with `huggingface_hub` where a network exists)."""
+        cache (or downloaded with `huggingface_hub` where a network exists). Networks given by name (e.g.
+        `text_encoder_2=base.text_encoder_2, vae=base.vae`, as diffusers' refiner example shares them) replace
+        the loaded ones; they must be sdlab networks of the same config. (sdlab reads `.safetensors` before
+        `.bin` and `.bin` files only with its safe reader, whatever `use_safetensors` says.)"""
         path = resolve_model_path(path_or_id)
         model = Model.load(path, variant=variant, dtype=torch_dtype or torch.float32)
-        return cls(model, sampler=_folder_sampler(path))
+        _share_components(model, components)
+        return cls(model, sampler=_folder_sampler(path, model))
 
     from_single_file = from_pretrained
+
+    def __getattr__(self, name: str):
+        """The model's networks and tokenizers as diffusers names them: `pipe.unet`, `pipe.text_encoder_2`..."""
+        model = self.__dict__.get("model")
+        if model is not None and name in model.components:
+            return model.components[name]
+        if model is not None and name in model.tokenizers:
+            return model.tokenizers[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def to(self, device=None, dtype=None) -> StableDiffusionPipeline:
         self.model.to(device=device, dtype=dtype)
@@ -66,28 +96,59 @@ class StableDiffusionPipeline:
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
                  image=None, mask_image=None, strength: float | None = None,
-                 num_inference_steps: int = 50, guidance_scale: float = 7.5, height: int | None = None,
+                 num_inference_steps: int = 50, guidance_scale: float | None = None, height: int | None = None,
                  width: int | None = None, num_images_per_prompt: int = 1, generator=None, eta: float = 0.0,
                  guidance_rescale: float = 0.0, clip_skip: int | None = None, callback_on_step_end=None,
-                 **_ignored) -> PipelineOutput:
+                 output_type: str = "pil", **_ignored) -> PipelineOutput:
+        return self._run(prompt, negative_prompt or "", image=image, mask_image=mask_image, strength=strength,
+                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
+                         width=width, num_images_per_prompt=num_images_per_prompt, generator=generator, eta=eta,
+                         guidance_rescale=guidance_rescale, clip_skip=clip_skip, output_type=output_type,
+                         callback_on_step_end=callback_on_step_end)
+
+    def _run(self, prompt, negative_prompt, *, image, mask_image, strength, num_inference_steps, guidance_scale,
+             height, width, num_images_per_prompt, generator, eta, guidance_rescale, clip_skip, output_type,
+             callback_on_step_end, denoising_start=None, denoising_end=None, zero_empty_negatives=None,
+             **conditions) -> PipelineOutput:
+        """The one call behind every pipeline class. `image` may be a PIL image or latents (B, 4, h, w), as
+        diffusers' img2img pipelines take the output of a pipeline run with output_type="latent"."""
+        if output_type not in OUTPUT_TYPES:
+            raise ParameterError(f"output_type={output_type!r}; use one of {OUTPUT_TYPES}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = _broadcast(negative_prompt or "", len(prompts))
+        negatives = _broadcast(negative_prompt, len(prompts))
+        latents_in = image if isinstance(image, torch.Tensor) else None
+        if latents_in is not None:
+            height, width = (side * self.model.config.vae.downscale for side in latents_in.shape[-2:])
         params = GenerationParams(
             prompt=prompts[0], negative_prompt=negatives[0], width=width, height=height,
-            steps=num_inference_steps, sampler=self.sampler, schedule=self.schedule, cfg_scale=guidance_scale,
-            guidance_rescale=guidance_rescale, clip_skip=(clip_skip or 0) + 1, init_image=image,
+            steps=num_inference_steps, sampler=self.sampler, schedule=self.schedule,
+            cfg_scale=self.default_guidance if guidance_scale is None else guidance_scale,
+            guidance_rescale=guidance_rescale, clip_skip=(clip_skip or 0) + 1,
+            init_image=None if latents_in is not None else image,
             strength=strength if strength is not None else self._strength(mask_image), mask=mask_image,
             eta=eta if self.sampler.upper() == "DDIM" else None, seed=0,
-            batch_size=len(prompts) * num_images_per_prompt,
+            batch_size=len(prompts) * num_images_per_prompt, **conditions,
         ).resolved(self.model.config)
         # diffusers' batch order: each prompt repeated num_images_per_prompt times.
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
         if generator is None:
             generator = torch.Generator().manual_seed(torch.seed() % 2**32)
+        carries_ve = get_sampler(self.sampler).style == "k"  # diffusers' k-diffusion ports hold x0 + sigma eps
+        if latents_in is not None and denoising_start is not None and carries_ve:
+            latents_in = ve_to_vp(latents_in, run_window(self.model, params, denoising_start)[0])
         callback = _step_end_adapter(self, callback_on_step_end)
-        result = sample_batch(self.model, prompts, negatives, params, generator, callback=callback)
-        return PipelineOutput(result.images)
+        result = sample_batch(self.model, prompts, negatives, params, generator, callback=callback,
+                              denoising_start=denoising_start, denoising_end=denoising_end,
+                              init_latents=latents_in, zero_empty_negatives=zero_empty_negatives)
+        if output_type == "latent":
+            latents = result.latents
+            return PipelineOutput(vp_to_ve(latents, result.sigma) if carries_ve else latents)
+        images = result.images
+        if output_type == "pil":
+            return PipelineOutput(images)
+        array = np.stack([np.asarray(i, dtype=np.float32) / 255.0 for i in images])  # (B, H, W, 3)
+        return PipelineOutput(array if output_type == "np" else torch.from_numpy(array).permute(0, 3, 1, 2))
 
     def _strength(self, mask_image) -> float:
         return 1.0 if mask_image is not None else self.default_strength
@@ -99,6 +160,116 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
 
 class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
     default_strength = 1.0
+
+
+class StableDiffusionXLPipeline(StableDiffusionPipeline):
+    """SDXL txt2img (diffusers' defaults: guidance 5, size conditions from the image size, zeros for a
+    negative prompt not given); `denoising_end` with output_type="latent" hands the rest of the schedule
+    to a refiner pipeline's `denoising_start`."""
+
+    default_guidance = 5.0
+    default_strength = 0.3
+    aesthetic_pipeline = False  # whether negative time ids take the negative crop (the img2img/inpaint rule)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], prompt_2: str | list[str] | None = None, *,
+                 image=None, mask_image=None, strength: float | None = None, height: int | None = None,
+                 width: int | None = None, num_inference_steps: int = 50, denoising_start: float | None = None,
+                 denoising_end: float | None = None, guidance_scale: float | None = None,
+                 negative_prompt: str | list[str] | None = None, negative_prompt_2: str | list[str] | None = None,
+                 num_images_per_prompt: int = 1, eta: float = 0.0, generator=None, output_type: str = "pil",
+                 guidance_rescale: float = 0.0, original_size: tuple[int, int] | None = None,
+                 crops_coords_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
+                 negative_original_size: tuple[int, int] | None = None,
+                 negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+                 negative_target_size: tuple[int, int] | None = None, aesthetic_score: float = 6.0,
+                 negative_aesthetic_score: float = 2.5, clip_skip: int | None = None,
+                 callback_on_step_end=None, **_ignored) -> PipelineOutput:
+        for name, second, first in (("prompt_2", prompt_2, prompt), ("negative_prompt_2", negative_prompt_2,
+                                                                     negative_prompt)):
+            if second is not None and second != first:
+                raise ParameterError(f"{name} differs from {name[:-2]}: sdlab encodes one prompt with both "
+                                     f"text encoders; leave {name} unset")
+        conditions = self._size_conditions(original_size, crops_coords_top_left, target_size,
+                                           negative_original_size, negative_crops_coords_top_left,
+                                           negative_target_size)
+        return self._run(prompt, "" if negative_prompt is None else negative_prompt, image=image,
+                         mask_image=mask_image, strength=strength, num_inference_steps=num_inference_steps,
+                         guidance_scale=guidance_scale, height=height, width=width,
+                         num_images_per_prompt=num_images_per_prompt, generator=generator, eta=eta,
+                         guidance_rescale=guidance_rescale, clip_skip=clip_skip, output_type=output_type,
+                         callback_on_step_end=callback_on_step_end, denoising_start=denoising_start,
+                         denoising_end=denoising_end,
+                         # diffusers zeroes only a negative prompt that was not given (force_zeros_for_empty_prompt)
+                         zero_empty_negatives=None if negative_prompt is None else False,
+                         aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
+                         **conditions)
+
+    def _size_conditions(self, original, crop, target, negative_original, negative_crop, negative_target):
+        """GenerationParams' size conditions as diffusers' pipeline class fills them in."""
+        own = {"original_size": original, "crops_coords_top_left": tuple(crop), "target_size": target}
+        if self.aesthetic_pipeline:  # img2img / inpaint: each negative size defaults to the positive one
+            refiner = families.family_of(self.model.config).model_index_extras(self.model.config)
+            crop_of_negative = tuple(negative_crop) if refiner.get(AESTHETICS_FLAG) else None
+            return {**own, "negative_original_size": negative_original, "negative_target_size": negative_target,
+                    "negative_crops_coords_top_left": crop_of_negative}
+        if negative_original is not None and negative_target is not None:  # txt2img: both, or the positive ids
+            return {**own, "negative_original_size": negative_original, "negative_target_size": negative_target,
+                    "negative_crops_coords_top_left": tuple(negative_crop)}
+        return own
+
+
+class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
+    """SDXL img2img, and the refiner's pipeline (`denoising_start` continues a base run's latents)."""
+
+    default_strength = 0.3
+    aesthetic_pipeline = True
+
+
+class StableDiffusionXLInpaintPipeline(StableDiffusionXLPipeline):
+    """SDXL inpainting (9-channel models, or any SDXL model by blending); images are resized to the model's
+    native size unless height/width are given, as diffusers does."""
+
+    default_strength = 0.9999  # diffusers' default: the first step is skipped, the image's latents noised
+    default_guidance = 7.5
+    aesthetic_pipeline = True
+
+    def __call__(self, prompt, prompt_2=None, *, height=None, width=None, **kwargs) -> PipelineOutput:
+        size = self.model.config.default_size
+        return super().__call__(prompt, prompt_2, height=height or size, width=width or size, **kwargs)
+
+    def _strength(self, mask_image) -> float:
+        return self.default_strength
+
+
+class DiffusionPipeline:
+    """`DiffusionPipeline.from_pretrained(path)`: the pipeline class the model's family uses in diffusers."""
+
+    @staticmethod
+    def from_pretrained(path_or_id: str | os.PathLike, **options) -> StableDiffusionPipeline:
+        path = resolve_model_path(path_or_id)
+        model = Model.load(path, variant=options.pop("variant", None),
+                           dtype=options.pop("torch_dtype", None) or torch.float32)
+        options.pop("use_safetensors", None)
+        _share_components(model, options)
+        cls = PIPELINE_CLASSES[families.family_of(model.config).pipeline_class(model.config)]
+        return cls(model, sampler=_folder_sampler(path, model))
+
+
+PIPELINE_CLASSES = {cls.__name__: cls for cls in (
+    StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
+    StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline)}
+
+
+def _share_components(model: Model, components: dict) -> None:
+    """Replace the model's networks by the ones given by name (diffusers' component keyword arguments)."""
+    for name, network in components.items():
+        if name not in model.components:
+            continue  # diffusers options sdlab has no use for (safety_checker=None, low_cpu_mem_usage=...)
+        if network is None or getattr(network, "cfg", None) != model.config.network(name):
+            raise ParameterError(f"{name}= must be an sdlab network of the same config as the model's {name} "
+                                 f"(e.g. another sdlab pipeline's pipe.{name})")
+        model.components[name] = network
 
 
 def _broadcast(value: str | list[str], n: int) -> list[str]:
@@ -114,12 +285,14 @@ def _step_end_adapter(pipe, callback_on_step_end):
     return lambda info: callback_on_step_end(pipe, info.step - 1, info.sigma, {"latents": info.denoised})
 
 
-def _folder_sampler(path: Path) -> str:
-    """The sampler matching the folder's scheduler/scheduler_config.json (PLMS when there is none)."""
+def _folder_sampler(path: Path, model: Model) -> str:
+    """The sampler matching the folder's scheduler/scheduler_config.json; for a single file (or a folder
+    without one), the scheduler the family's folders ship (SD: PNDM, i.e. PLMS; SDXL: Euler)."""
     config = Path(path) / "scheduler" / "scheduler_config.json"
-    if not config.is_file():
-        return "PLMS"
-    name = json.loads(config.read_text()).get("_class_name", "")
+    if config.is_file():
+        name = json.loads(config.read_text()).get("_class_name", "")
+    else:
+        name = families.family_of(model.config).diffusers_scheduler or "PNDMScheduler"
     return SCHEDULER_SAMPLERS.get(name, "PLMS")
 
 

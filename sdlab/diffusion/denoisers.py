@@ -143,3 +143,30 @@ class MaskedDenoiser:
         known = self.init_latent + _bcast(sigma, x) * self.noise
         x = self.mask * x + (1 - self.mask) * known
         return self.mask * self.denoiser(x, sigma) + (1 - self.mask) * self.init_latent
+
+
+class SwitchingDenoiser:
+    """One sampling run over two models: `first` denoises until the switch, `second` from then on (A1111's
+    refiner: the SDXL base lays out the image, the refiner finishes the last part of the same run; a
+    multistep sampler keeps its history across the switch, as A1111's does).
+
+    The switch is A1111's rule, checked at every evaluation (second-order samplers' extra evaluations
+    included): the training timestep t nearest to sigma (by sigma distance, on `schedule`'s table of T)
+    has completed the fraction (T - 1 - t) / T >= switch_at of the schedule. Once switched it stays.
+    """
+
+    def __init__(self, first: Callable, second: Callable, schedule: NoiseSchedule, switch_at: float):
+        self.first, self.second, self.schedule, self.switch_at = first, second, schedule, switch_at
+        self.switched = False
+
+    @property
+    def sigma_to_t(self):
+        return self.first.sigma_to_t
+
+    def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        if not self.switched:
+            level = torch.as_tensor(sigma, dtype=torch.float32).max().to(self.schedule.sigmas.device)
+            t = int(torch.argmin((self.schedule.sigmas - level).abs()))
+            total = self.schedule.num_timesteps
+            self.switched = (total - 1 - t) / total >= self.switch_at
+        return (self.second if self.switched else self.first)(x, sigma)

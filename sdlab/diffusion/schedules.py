@@ -143,6 +143,11 @@ class NoiseSchedule:
         return np.interp(timesteps, np.arange(len(table)), table)
 
 
+def vp_to_ve(latents: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+    """The inverse of `ve_to_vp`: the VE latent x0 + sigma eps of a DDPM latent at noise level sigma."""
+    return latents * (torch.as_tensor(sigma, dtype=torch.float64) ** 2 + 1).sqrt().item()
+
+
 def ve_to_vp(x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
     """The DDPM latent sqrt(a) x0 + sqrt(1 - a) eps of a VE latent x = x0 + sigma eps.
 

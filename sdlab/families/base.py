@@ -141,12 +141,13 @@ class Family:
         vae = config.vae
         return LatentFormat(vae.latent_channels, vae.scaling_factor, vae.shift_factor)
 
-    def condition(self, model, prompts: list[str], negatives: list[str] | None, params) -> tuple[
-            Conditioning, Conditioning | None]:
+    def condition(self, model, prompts: list[str], negatives: list[str] | None, params, *,
+                  zero_empty_negatives: bool | None = None) -> tuple[Conditioning, Conditioning | None]:
         """The family's conditioner for generation: B prompts and their B negative prompts (None: no
         classifier-free guidance) -> (cond, uncond), the `Conditioning`s its denoising network takes, on the
         model's device and dtype. `params` (resolved `GenerationParams`) gives clip skip and, for SDXL, the
-        size and crop conditions."""
+        size and crop conditions. `zero_empty_negatives` overrides whether an empty negative prompt is
+        encoded or conditions on zeros, in families that zero them (None: the family's own rule)."""
         raise NotImplementedError
 
     def clip_skip_limit(self, config: ModelConfig) -> int:

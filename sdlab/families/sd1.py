@@ -77,8 +77,9 @@ class TextContextConditioner:
     """The conditioner of SD 1.x and 2.x (a Family mixin): the text encoder's hidden states are the whole
     conditioning, no pooled vector or added conditions."""
 
-    def condition(self, model, prompts, negatives, params):
-        """Prompts and negatives in one encoder call, so that both are padded to the same number of chunks."""
+    def condition(self, model, prompts, negatives, params, *, zero_empty_negatives=None):
+        """Prompts and negatives in one encoder call, so that both are padded to the same number of chunks.
+        (Every negative prompt is encoded, the empty one too: SD 1.x/2.x have no zeroing rule.)"""
         texts = prompts if negatives is None else negatives + prompts
         return split_guidance(text_conditioning(model, texts, params.clip_skip), negatives is not None)
 

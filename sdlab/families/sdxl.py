@@ -184,11 +184,12 @@ class SDXL(Family):
     def clip_skip_limit(self, config: ModelConfig) -> int:
         return super().clip_skip_limit(config) - 1  # clip skip 1 is already the penultimate layer
 
-    def condition(self, model, prompts, negatives, params):
+    def condition(self, model, prompts, negatives, params, *, zero_empty_negatives=None):
         texts = prompts if negatives is None else negatives + prompts
         context, pooled = self.encode_text(model, texts, params.clip_skip)
         b = len(prompts)
-        if negatives is not None and self.zero_empty_negative:  # an empty negative prompt: zeros
+        zeros = self.zero_empty_negative if zero_empty_negatives is None else zero_empty_negatives
+        if negatives is not None and zeros:  # an empty negative prompt: zeros
             empty = torch.tensor([t == "" for t in negatives] + [False] * b, device=context.device)
             context, pooled = context.masked_fill(empty[:, None, None], 0), pooled.masked_fill(empty[:, None], 0)
         numbers = [self.time_ids(params, negative=False)] * b
