@@ -39,13 +39,11 @@ from .families import family_of, latent_format
 from .images import to_mask, to_pil, to_pixels
 from .interrupts import abort_between_blocks
 from .lora import LoRASource, apply_lora
-from .params import GenerationParams
+from .params import DEFAULT_REFINER_SWITCH, GenerationParams
 from .prompts import extract_lora_tags
 from .tome import token_merging
 
 log = logging.getLogger(__name__)
-
-DEFAULT_REFINER_SWITCH = 0.8  # A1111's "Switch at" default: the refiner runs the last 20% of the schedule
 
 
 class NumericalError(SdlabError):
@@ -219,16 +217,24 @@ def _sample_batch(model, prompts, negatives, params, generator, callback, interr
     return GenerationResult(images, params, latents, interrupted)
 
 
-def _with_refiner(model, refiner, denoiser, prompts, negatives, params, spec, schedule) -> SwitchingDenoiser:
-    """The base's denoiser, then the refiner's (its own conditioner and time ids) from the switch on."""
+def check_refiner(config, refiner_config, params: GenerationParams) -> None:
+    """Raise ParameterError unless a model of `refiner_config` can finish runs of `config` with `params`
+    (checked before any model work: the server calls it when it admits a request)."""
     if params.mode == "inpaint":
         raise ParameterError("a refiner is not supported for inpainting yet; refine the inpainted image with "
                              "img2img instead")
-    if latent_format(refiner.config) != latent_format(model.config):
+    mine, theirs = latent_format(config), latent_format(refiner_config)
+    if mine != theirs:
         raise ParameterError(
-            f"the refiner {refiner.config.name!r} works on other latents ({latent_format(refiner.config)}) than "
-            f"the model {model.config.name!r} ({latent_format(model.config)}); pick a refiner of the same family")
-    refiner_params = params.resolved(refiner.config).replace(seed=params.seed)
+            f"the refiner {refiner_config.name!r} works on other latents ({theirs}) than the model "
+            f"{config.name!r} ({mine}); pick a refiner of the same family")
+    params.resolved(refiner_config)  # its own limits (clip skip) hold too
+
+
+def _with_refiner(model, refiner, denoiser, prompts, negatives, params, spec, schedule) -> SwitchingDenoiser:
+    """The base's denoiser, then the refiner's (its own conditioner and time ids) from the switch on."""
+    check_refiner(model.config, refiner.config, params)
+    refiner_params = params.resolved(refiner.config)
     r_schedule = NoiseSchedule.from_config(refiner.config.schedule)
     r_denoiser = ModelDenoiser(refiner.unet, r_schedule, refiner.config.prediction,
                                quantize=spec.quantize(params.schedule))

@@ -23,6 +23,7 @@ MAX_BATCH = 64
 MAX_STEPS = 1000
 MAX_CONDITION_PIXELS = 16384  # SDXL size/crop conditions: a side in pixels
 MAX_TOKEN_MERGING = 0.75  # every source token of each 2x2 cell merged (sdlab.tome)
+DEFAULT_REFINER_SWITCH = 0.8  # A1111's "Switch at" default: a refiner runs the last 20% of the schedule
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class GenerationParams:
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
     # With a refiner model (`generate(..., refiner=...)`): the fraction of the schedule after which it takes
-    # over (A1111's refiner_switch_at; None: 0.8).
+    # over (A1111's refiner_switch_at; None: DEFAULT_REFINER_SWITCH, 0.8).
     refiner_switch_at: float | None = None
 
     @property

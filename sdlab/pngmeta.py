@@ -26,7 +26,7 @@ from PIL import Image, PngImagePlugin
 
 from .errors import ParameterError
 from .images import PIL_READ_ERRORS, unreadable_reason
-from .params import GenerationParams
+from .params import DEFAULT_REFINER_SWITCH, GenerationParams
 
 PARAMETERS_KEY = "parameters"
 VERSION = "sdlab 0.1.0"
@@ -74,12 +74,20 @@ class InfoText:
 # ---- writing ----
 
 
-def infotext(params: GenerationParams, model: ModelInfo | None = None, *, index: int = 0) -> str:
-    """The A1111 text for image `index` of a generation with resolved `params` (size and seed set)."""
+def infotext(params: GenerationParams, model: ModelInfo | None = None, *, index: int = 0,
+             refiner: ModelInfo | None = None) -> str:
+    """The A1111 text for image `index` of a generation with resolved `params` (size and seed set), and
+    the refiner that finished it, if one did."""
     lines = [params.prompt]
     if params.negative_prompt:
         lines.append(f"{_NEGATIVE} {params.negative_prompt}")
-    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in _fields(params, model, index).items()))
+    fields = _fields(params, model, index)
+    if refiner is not None:  # A1111 writes "Refiner: name [hash], Refiner switch at: 0.8"
+        fields["Refiner"] = f"{refiner.name} [{refiner.hash}]" if refiner.hash else refiner.name
+        fields["Refiner switch at"] = _number(DEFAULT_REFINER_SWITCH if params.refiner_switch_at is None
+                                              else params.refiner_switch_at)
+        fields["Version"] = fields.pop("Version")  # last, as A1111 writes it
+    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields.items()))
     return "\n".join(lines)
 
 
@@ -262,7 +270,7 @@ _NUMBERS = {  # A1111 field -> (GenerationParams field, type)
     "Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
     "Clip skip": ("clip_skip", int), "Denoising strength": ("strength", float), "Eta": ("eta", float),
     "Guidance rescale": ("guidance_rescale", float), "DeepCache": ("deepcache", int),
-    "Token merging ratio": ("token_merging", float),
+    "Token merging ratio": ("token_merging", float), "Refiner switch at": ("refiner_switch_at", float),
 }  # fmt: skip
 
 

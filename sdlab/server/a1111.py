@@ -42,6 +42,7 @@ from .state import ServerState
 
 router = APIRouter(prefix="/sdapi/v1", tags=["A1111 API"])
 SETTABLE_OPTIONS = ("sd_model_checkpoint",)
+NO_REFINER = (None, "", "None", "none")  # what A1111 clients send for "no refiner"
 
 
 def _state(request: Request) -> ServerState:
@@ -94,12 +95,14 @@ def to_params(body: Txt2ImgRequest) -> GenerationParams:
         # A1111's setting for token merging; DeepCache has none there, so sdlab's field name is used
         token_merging=body.override_settings.get("token_merging_ratio", DEFAULTS.token_merging),
         deepcache=body.override_settings.get("deepcache", DEFAULTS.deepcache),
+        refiner_switch_at=body.refiner_switch_at,
     )
 
 
 def _prepare(state: ServerState, body: Txt2ImgRequest, params: GenerationParams) -> GenerationRequest:
     model = body.override_settings.get("sd_model_checkpoint")
-    return state.prepare(params, n_iter=body.n_iter, model=model, save_steps=body.save_steps)
+    refiner = body.refiner_checkpoint if body.refiner_checkpoint not in NO_REFINER else None
+    return state.prepare(params, n_iter=body.n_iter, model=model, save_steps=body.save_steps, refiner=refiner)
 
 
 def _inverted(mask: Image.Image) -> Image.Image:

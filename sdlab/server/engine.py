@@ -33,6 +33,7 @@ class GenerationRequest:
     n_iter: int = 1
     save_steps: bool = False
     flops: float = 0.0  # the estimated work (server/limits.py)
+    refiner: str | None = None  # a model name: the model that finishes each run (A1111's refiner_checkpoint)
 
     @property
     def seeds(self) -> list[int]:
@@ -52,10 +53,11 @@ class GenerationOutput:
 def run_generation(registry: ModelRegistry, request: GenerationRequest, job: Job,
                    named_loras: Mapping | None = None, limits: JobLimits | None = None) -> GenerationOutput:
     model, info = registry.load(request.model)
+    refiner = registry.load_refiner(request.refiner) if request.refiner is not None else None
     start = time.perf_counter()
     out = GenerationOutput([], [], [], info)
     try:
-        _run_batches(model, info, request, job, named_loras, out)
+        _run_batches(model, info, request, job, named_loras, out, refiner)
     except GenerationAborted:  # stopped inside a network: the images of the batches before
         out.interrupted = True
     if out.interrupted and job.stop_reason != "interrupted":  # only /interrupt answers with what there is
@@ -66,18 +68,21 @@ def run_generation(registry: ModelRegistry, request: GenerationRequest, job: Job
     return out
 
 
-def _run_batches(model, info: ModelInfo, request: GenerationRequest, job: Job, named_loras, out) -> None:
+def _run_batches(model, info: ModelInfo, request: GenerationRequest, job: Job, named_loras, out,
+                 refiner=None) -> None:
     batch = request.params.batch_size
     for i in range(request.n_iter):
         params = request.params.replace(seed=request.params.seed + i * batch)
         recorder = TrajectoryRecorder(model) if request.save_steps and i == 0 else None
         watcher = _ProgressWatcher(model, job, i, request.n_iter)
         result = generate(model, params, callback=chain(watcher, recorder), interrupt=job.interrupt.is_set,
-                          abort=job.should_abort, named_loras=named_loras)
+                          abort=job.should_abort, named_loras=named_loras,
+                          refiner=None if refiner is None else refiner[0])
         if recorder is not None:
             job.frames = [png_bytes(grid(frame, columns=len(frame))) for frame in recorder.frames]
             job.frame_steps = list(recorder.steps)
-        texts = [infotext(result.params, info, index=k) for k in range(batch)]
+        refiner_info = None if refiner is None else refiner[1]
+        texts = [infotext(result.params, info, index=k, refiner=refiner_info) for k in range(batch)]
         out.images += result.images
         out.infotexts += texts
         out.pngs += [png_bytes(image, text) for image, text in zip(result.images, texts)]  # off the event loop

@@ -18,6 +18,7 @@ import torch
 
 from ..config import ModelConfig
 from ..cost import cost_model, describe_flops, unet_evaluations
+from ..diffusion.conditioning import Conditioning, run_network
 from ..errors import ParameterError
 from ..params import GenerationParams
 from .settings import ServerSettings
@@ -119,14 +120,16 @@ def _time_unet_pass(model, side: int, repeats: int = 3) -> float:
     config = model.config
     x = torch.zeros(2, config.unet.in_channels, side, side, device=model.device, dtype=model.dtype)
     context = torch.zeros(2, 77, config.unet.context_dim, device=model.device, dtype=model.dtype)
+    cond = Conditioning(context=context, added=torch.zeros(2, config.unet.added_dim, device=model.device,
+                                                           dtype=model.dtype) if config.unet.added_dim else None)
     t = torch.full((2,), 500.0, device=model.device)
     best = float("inf")
     with torch.no_grad():
-        model.unet(x, t, context)
+        run_network(model.unet, x, t, cond)
         for _ in range(repeats):
             _synchronize(model.device)
             start = time.perf_counter()
-            model.unet(x, t, context)
+            run_network(model.unet, x, t, cond)
             _synchronize(model.device)  # a GPU runs the pass after the call returns
             best = min(best, time.perf_counter() - start)
     return best

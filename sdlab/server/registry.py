@@ -43,6 +43,7 @@ class ModelRegistry:
     def __init__(self, settings: ServerSettings):
         self.settings = settings
         self._loaded: tuple[str, Model, ModelInfo] | None = None
+        self._refiner: tuple[str, Model, ModelInfo] | None = None  # a second model that finishes runs
         self._configs: dict[str, ModelConfig] = {}
         self._sha256: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -88,13 +89,32 @@ class ModelRegistry:
         with self._lock:
             if self._loaded is None or self._loaded[0] != entry.name:
                 self._loaded = None  # free the old weights before loading the new ones
-                log.info("loading model %s", entry.name)
-                model = Model.from_name(entry.source, dtype=DTYPES[self.settings.dtype],
-                                        device=self.settings.device).to(self.settings.device)
-                sha = self._sha256.setdefault(entry.name, model_sha256(model))
-                self._configs[entry.name] = model.config
-                self._loaded = (entry.name, model, ModelInfo(entry.name, short_hash(sha)))
+                if self._refiner is not None and self._refiner[0] == entry.name:
+                    self._loaded, self._refiner = self._refiner, None  # already in memory
+                else:
+                    log.info("loading model %s", entry.name)
+                    self._loaded = (entry.name, *self._build(entry))
             return self._loaded[1], self._loaded[2]
+
+    def _build(self, entry: ModelEntry) -> tuple[Model, ModelInfo]:
+        model = Model.from_name(entry.source, dtype=DTYPES[self.settings.dtype],
+                                device=self.settings.device).to(self.settings.device)
+        sha = self._sha256.setdefault(entry.name, model_sha256(model))
+        self._configs[entry.name] = model.config
+        return model, ModelInfo(entry.name, short_hash(sha))
+
+    def load_refiner(self, name: str) -> tuple[Model, ModelInfo]:
+        """Model `name` as a refiner: held beside the main model (one refiner at a time; the main model
+        itself when they are the same)."""
+        entry = self.resolve(name)
+        if self._loaded is not None and self._loaded[0] == entry.name:
+            return self._loaded[1], self._loaded[2]
+        with self._lock:
+            if self._refiner is None or self._refiner[0] != entry.name:
+                self._refiner = None
+                log.info("loading refiner %s", entry.name)
+                self._refiner = (entry.name, *self._build(entry))
+            return self._refiner[1], self._refiner[2]
 
     def config(self, name: str) -> ModelConfig:
         """The config of model `name` (read from its files, without building networks, if not loaded)."""

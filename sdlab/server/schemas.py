@@ -39,6 +39,10 @@ class Txt2ImgRequest(_Lenient):
     eta: float | None = DEFAULTS.eta
     override_settings: dict[str, Any] = Field(default_factory=dict)
     force_task_id: str | None = Field(None, description="the job id to use (for /sdlab/v1/jobs/{id})")
+    refiner_checkpoint: str | None = Field(None, description="a model name of /sdapi/v1/sd-models that finishes "
+                                            "the run (the SDXL refiner); none, '' or 'None': no refiner")
+    refiner_switch_at: float | None = Field(None, description="the fraction of the steps after which the refiner "
+                                            "takes over (default 0.8)")
     send_images: bool = True
     save_steps: bool = Field(False, description="sdlab: keep the x0 preview of every step for /sdlab/v1/jobs/{id}/steps")
 

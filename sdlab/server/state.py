@@ -8,6 +8,7 @@ import logging
 import threading
 
 from ..errors import ParameterError
+from ..generation import check_refiner
 from ..params import GenerationParams
 from ..prompts import extract_lora_tags
 from ..resources import LORA_SUFFIXES, LoadedResourceFolder
@@ -35,7 +36,7 @@ class ServerState:
     # ---- requests -> jobs ----
 
     def prepare(self, params: GenerationParams, *, n_iter: int = 1, model: str | None = None,
-                save_steps: bool = False) -> GenerationRequest:
+                save_steps: bool = False, refiner: str | None = None) -> GenerationRequest:
         """Check everything that can be checked without running a network; raise ParameterError if not."""
         limit = self.settings.max_prompt_chars
         for name in ("prompt", "negative_prompt"):
@@ -52,8 +53,12 @@ class ServerState:
         model = self.registry.resolve(model or self.model_name).name
         config = self.registry.config(model)
         params = params.resolved(config)
+        if refiner is not None:
+            refiner = self.registry.resolve(refiner).name
+            check_refiner(config, self.registry.config(refiner), params)
+        # (a refiner's steps are priced as the model's: the SDXL refiner's UNet costs less than the base's)
         flops = self.limits.check(config, params, n_iter=n_iter, save_steps=save_steps)
-        return GenerationRequest(params, model, n_iter, save_steps, flops)
+        return GenerationRequest(params, model, n_iter, save_steps, flops, refiner=refiner)
 
     def submit(self, request: GenerationRequest, job_id: str | None = None) -> Job:
         job = Job(work=lambda job: run_generation(self.registry, request, job, self.loras, self.limits),
