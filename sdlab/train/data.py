@@ -47,18 +47,46 @@ def to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
-def fit(image: Image.Image, size: Size, rng: np.random.Generator | None) -> Image.Image:
-    """Scale `image` to cover `size` (width, height), then crop: centred, or at a random offset from `rng`."""
+@dataclass(frozen=True)
+class Crop:
+    """Where an item's pixels come from: the image scaled to `resized` (width, height), then the window of the
+    target size at (left, top) of the scaled image."""
+
+    resized: Size
+    left: int
+    top: int
+
+
+def plan_crop(image_size: Size, size: Size, rng: np.random.Generator | None) -> Crop:
+    """Scale (width, height) `image_size` to cover `size`, then a crop: centred, or at a random offset from `rng`
+    (two draws, left then top)."""
     width, height = size
-    scale = max(width / image.width, height / image.height)
-    resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    image = image.resize(resized, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    scale = max(width / image_size[0], height / image_size[1])
+    resized = (max(width, round(image_size[0] * scale)), max(height, round(image_size[1] * scale)))
     spare_x, spare_y = resized[0] - width, resized[1] - height
     if rng is None:
-        left, top = spare_x // 2, spare_y // 2
-    else:
-        left, top = int(rng.integers(0, spare_x + 1)), int(rng.integers(0, spare_y + 1))
-    return image.crop((left, top, left + width, top + height))
+        return Crop(resized, spare_x // 2, spare_y // 2)
+    return Crop(resized, int(rng.integers(0, spare_x + 1)), int(rng.integers(0, spare_y + 1)))
+
+
+def apply_crop(image: Image.Image, crop: Crop, size: Size) -> Image.Image:
+    image = image.resize(crop.resized, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return image.crop((crop.left, crop.top, crop.left + size[0], crop.top + size[1]))
+
+
+def fit(image: Image.Image, size: Size, rng: np.random.Generator | None) -> Image.Image:
+    """Scale `image` to cover `size` (width, height), then crop: centred, or at a random offset from `rng`."""
+    return apply_crop(image, plan_crop(image.size, size, rng), size)
+
+
+def size_conditions(original: Size, crop: Crop, size: Size, flipped: bool = False) -> dict[str, tuple[int, int]]:
+    """SDXL's micro-conditions of an item (Podell et al. 2023, sec. 2.2), all (height, width) or (top, left):
+    the image's size before scaling, the crop's top-left corner in the scaled image and the crop's size.
+    A mirrored item's crop is the mirrored window, whose left edge is resized width - (left + width), as
+    kohya's sd-scripts count it; so a model learns where the visible window lies in the (flipped) image."""
+    left = crop.resized[0] - crop.left - size[0] if flipped else crop.left
+    return {"original_size": (original[1], original[0]), "crop_top_left": (crop.top, left),
+            "target_size": (size[1], size[0])}
 
 
 # --- aspect-ratio buckets -------------------------------------------------------------------------------
@@ -220,7 +248,8 @@ def _warn_skipped(root: Path, skipped: SkipReport) -> None:
 class ImageFolderDataset:
     """Captioned images of a folder, cropped to `resolution` squares or to aspect-ratio buckets.
 
-    `load(index, epoch)` -> {"pixels": (3, H, W) float32 in [-1, 1], "caption": str}.
+    `load(index, epoch)` -> {"pixels": (3, H, W) float32 in [-1, 1], "caption": str, "conditions": the item's
+    size and crop (`size_conditions`), which SDXL conditions on}.
     """
 
     def __init__(self, root: str | Path, resolution: int, *, center_crop: bool = True, random_flip: bool = False,
@@ -250,10 +279,15 @@ class ImageFolderDataset:
                 image = ImageOps.exif_transpose(image).convert("RGB")
         except PIL_READ_ERRORS:
             raise ParameterError(f"{record.path}: became unreadable during training") from None
-        image = fit(image, self.sizes[index], None if self.center_crop else rng)
-        if self.random_flip and rng.random() < 0.5:
+        size = self.sizes[index]
+        crop = plan_crop(image.size, size, None if self.center_crop else rng)
+        conditions_of = (image.size, crop, size)  # before resizing: the original (width, height)
+        image = apply_crop(image, crop, size)
+        flipped = self.random_flip and rng.random() < 0.5
+        if flipped:
             image = ImageOps.mirror(image)
-        return {"pixels": to_tensor(image), "caption": record.caption}
+        return {"pixels": to_tensor(image), "caption": record.caption,
+                "conditions": size_conditions(*conditions_of, flipped)}
 
     def split(self, fraction: float, seed: int = 0) -> tuple[ImageFolderDataset, ImageFolderDataset]:
         """(train, held-out): a seeded `fraction` of the records (at least one) is held out."""
@@ -285,12 +319,19 @@ class ShapesSource:
 
     def load(self, index: int, epoch: int = 0) -> dict:
         image, caption = self.shapes[index]
-        return {"pixels": to_tensor(image), "caption": caption}
+        side = self.shapes.size
+        whole = Crop((side, side), 0, 0)  # rendered at the training size: no scaling, no crop
+        return {"pixels": to_tensor(image), "caption": caption,
+                "conditions": size_conditions((side, side), whole, (side, side))}
 
 
 def collate(items: Sequence[dict]) -> dict:
-    """Stack pixels (all items of a batch share one size) and list the captions."""
-    return {"pixels": torch.stack([item["pixels"] for item in items]), "caption": [item["caption"] for item in items]}
+    """Stack pixels (all items of a batch share one size), list the captions and, where every item has them,
+    the per-item conditions (dicts, for the family's `conditioner_inputs`)."""
+    batch = {"pixels": torch.stack([item["pixels"] for item in items]), "caption": [item["caption"] for item in items]}
+    if all("conditions" in item for item in items):
+        batch["conditions"] = [item["conditions"] for item in items]
+    return batch
 
 
 # --- batch order ----------------------------------------------------------------------------------------

@@ -190,8 +190,16 @@ class Trainer:
         if not self.dist.enabled:
             return objective
         device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
-        return DistributedDataParallel(objective, device_ids=device_ids,
-                                       find_unused_parameters=self.config.task == "vae" and self.config.disc_weight > 0)
+        return DistributedDataParallel(objective, device_ids=device_ids, find_unused_parameters=self._some_unused())
+
+    def _some_unused(self) -> bool:
+        """Whether some trained parameters may get no gradient in a step, which DDP must be told: the
+        discriminator before `disc_start`; a text encoder's layers past the one the family conditions on
+        (SDXL's CLIP ViT-L: its last layer, since only the penultimate one is used)."""
+        c = self.config
+        if c.task == "vae":
+            return c.disc_weight > 0
+        return c.train_text_encoder or (c.uses_lora and c.lora_text_encoder)
 
     # --- the loop ---------------------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ def sample_images(model, prompts: list[str], *, size: int, steps: int, guidance:
     device, n = model.device, len(prompts)
     spec = get_sampler("euler")
     sigmas = spec.make_sigmas(model.config.schedule, steps)
-    cond, uncond = _context(model, prompts), _context(model, [""] * n)
+    cond, uncond = _context(model, prompts, size), _context(model, [""] * n, size)
     network = ModelDenoiser(model.unet, NoiseSchedule.from_config(model.config.schedule), model.config.prediction)
     denoiser = GuidedDenoiser(network, cond, uncond, guidance)
     vae = model.config.vae
@@ -37,10 +37,12 @@ def sample_images(model, prompts: list[str], *, size: int, steps: int, guidance:
     return [_to_pil(p) for p in pixels]
 
 
-def _context(model, prompts: list[str]) -> Conditioning:
-    """The conditioning of plain prompts, built as the training objective builds it (the family's conditioner)."""
+def _context(model, prompts: list[str], size: int) -> Conditioning:
+    """The conditioning of plain prompts, built as the training objective builds it (the family's conditioner),
+    with the size conditions of a whole, uncropped `size` square (what SDXL conditions on; others ignore them)."""
     family = family_of(model.config)
-    return family.condition_from_inputs(model.components, family.conditioner_inputs(model, prompts))
+    whole = {"original_size": (size, size), "crop_top_left": (0, 0), "target_size": (size, size)}
+    return family.condition_from_inputs(model.components, family.conditioner_inputs(model, prompts, [whole] * len(prompts)))
 
 
 def _to_pil(pixels: torch.Tensor) -> Image.Image:
