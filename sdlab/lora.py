@@ -535,22 +535,52 @@ def _model_label(model) -> str:
 
 
 def _misfit_message(source, model, lora: Mapping[str, LoRAModule], misfits) -> str:
-    """Why a LoRA does not fit: which of its modules, and, from its cross-attention layers' text width,
-    which architecture it is for."""
+    """Why a LoRA does not fit: which of its modules, which architecture it is for, and, from its
+    cross-attention layers' text width, how that differs from the model."""
     where = str(source) if isinstance(source, (str, os.PathLike)) else "LoRA state dict"
     update, shape = misfits[0]
-    message = (f"{where}: this LoRA is not for this model: {len(misfits)} of its {len(lora)} modules have other "
-               f"shapes than the layers they name (e.g. {quoted_key(update.label)}: an update of "
-               f"{_update_shape(update)} for a weight of {shape}), so its keys and shapes are for another "
-               f"architecture")
-    widths = {u.down.flatten(1).shape[1] for n, u in lora.items() if n.endswith(("attn2_to_k", "attn2_to_v"))}
+    width = _context_width(lora)
+    message = (f"{where}: this LoRA is not for this model{_intended(lora, model, width)}. {len(misfits)} of its "
+               f"{len(lora)} modules have other shapes than the layers they name (e.g. {quoted_key(update.label)}: "
+               f"an update of {_update_shape(update)} for a weight of {shape}), so its keys and shapes are for "
+               f"another architecture")
     context = getattr(model.config.unet, "context_dim", None)
-    if len(widths) == 1 and context is not None and widths != {context}:
-        (width,) = widths
-        labels = sorted({f.label for f in families.FAMILIES.values() for p in f.presets if p.unet.context_dim == width})
-        known = f", as {' or '.join(labels)} models have" if labels else ""
-        message += f" (its cross-attention layers read a {width}-wide text context{known}; this model's, {context})"
+    if width is not None and context is not None and width != context:
+        message += f" (its cross-attention layers read a {width}-wide text context; this model's, {context})"
     return f"{message}. This model is {_model_label(model)}."
+
+
+def _context_width(lora: Mapping[str, LoRAModule]) -> int | None:
+    """The text width the LoRA's cross-attention key/value layers read (their `in`), if they agree on one."""
+    widths = {u.down.flatten(1).shape[1] for n, u in lora.items() if n.endswith(("attn2_to_k", "attn2_to_v"))}
+    return widths.pop() if len(widths) == 1 else None
+
+
+def _intended(lora: Mapping[str, LoRAModule], model, width: int | None) -> str:
+    """": it is for SD 1.x (...) models", from the families whose networks are all the ones the LoRA's keys
+    name (as the file names them: kohya prefixes such as `lora_te1_`, or diffusers component names such as
+    `text_encoder_2`), narrowed to those with a preset of the LoRA's context width; "" when no family but
+    the model's own fits (the LoRA is then for a variant sdlab cannot tell apart)."""
+    candidates = [f for f in families.FAMILIES.values() if all(_names_network_of(f, u.label) for u in lora.values())]
+    by_width = [f for f in candidates if any(p.unet.context_dim == width for p in f.presets)]
+    candidates = by_width or candidates
+    if not candidates or families.family_of(model.config) in candidates:
+        return ""
+    return f": it is for {' or '.join(f.label for f in candidates)} models"
+
+
+def _names_network_of(family: families.Family, label: str) -> bool:
+    """Whether a module name from a file (kohya `lora_te1_...`, diffusers `text_encoder_2.<path>`, or an
+    unprefixed UNet path) is for a network this family has (a name in no known layout: True)."""
+    adaptable = {n: c for n, c in family.components.items() if c.lora_prefix}
+    first = label.partition(".")[0]
+    if first.startswith("lora_"):
+        prefixes = {c.lora_prefix for f in families.FAMILIES.values() for c in f.components.values() if c.lora_prefix}
+        if not any(first.startswith(p) for p in prefixes):
+            return True
+        return any(first.startswith(c.lora_prefix) for c in adaptable.values())
+    known = {*DIFFUSERS_COMPONENTS, *(n for f in families.FAMILIES.values() for n in f.components)}
+    return first in adaptable if first in known else True  # unprefixed keys are the UNet's, which all have
 
 
 def _report(source, handle: MergedLoRA, model, lora: Mapping[str, LoRAModule]) -> None:
@@ -561,9 +591,10 @@ def _report(source, handle: MergedLoRA, model, lora: Mapping[str, LoRAModule]) -
                     where, len(handle.skipped), examples)
     if not handle.applied:
         handle.unmerge()
+        intended = _intended(lora, model, _context_width(lora))
         raise CheckpointError(
             f"{where}: none of its {len(handle.skipped)} LoRA modules matches a layer of this model "
-            f"(e.g. {examples}); is it for another architecture (SDXL, SD 2.x vs 1.x)? This model is "
-            f"{_model_label(model)}."
+            f"(e.g. {examples}){intended or '; is it for another architecture (SDXL, SD 2.x vs 1.x)?'}. "
+            f"This model is {_model_label(model)}."
         )
     log.info("%s: merged %d LoRA modules", where, len(handle.applied))
