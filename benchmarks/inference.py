@@ -5,17 +5,18 @@ achieved TFLOP/s and the largest pixel difference between the two images.
     python benchmarks/inference.py --quick            # sanity run: 128x128, 4 steps, 1 repeat
     python benchmarks/inference.py --device cuda      # GPU: fp16, 512x512, 50 steps (skips without CUDA)
     python benchmarks/inference.py --variants sdlab,sdlab-plain,diffusers --precisions bf16
+    python benchmarks/inference.py --family sdxl      # SDXL base: bf16, 512x512, 10 steps, 1 repeat
 
-Both pipelines load one random-weight SD 1.5-config model (a diffusers folder, built once with seed 0 and
-cached; `--model` takes any other folder) and sample the same prompt with DPM++ 2M (diffusers'
+Both pipelines load one random-weight SD 1.5-config (or, with `--family sdxl`, SDXL-base-config) model (a
+diffusers folder, built once with seed 0 and cached, SDXL's in fp16; `--model` takes any other folder) and sample the same prompt with DPM++ 2M (diffusers'
 DPMSolverMultistepScheduler with timestep_spacing="leading", as sdlab's registry pairs them), the same CFG
 scale and seed. Every run is its own subprocess, so peak RSS (`ru_maxrss`) is measured per pipeline, and
 runs are interleaved (sdlab, diffusers, sdlab, ...) so that load from other processes on a shared machine
 hits both alike; the table shows medians over the repeats.
 
 Variants:
-  diffusers     StableDiffusionPipeline.from_pretrained(torch_dtype=...), the reference
-  sdlab         sdlab.load(...) then sdlab.perf.optimize(model, dtype=...): the fast path
+  diffusers     StableDiffusion(XL)Pipeline.from_pretrained(torch_dtype=...), the reference
+  sdlab         sdlab.load(..., dtype=...) then sdlab.perf.optimize(model): the fast path
   sdlab-plain   sdlab.load(..., dtype=...) with nothing else: what the default path gives
   sdlab-compile the fast path plus torch.compile of the UNet (compile time shows in "first call")
   sdlab-deepcache3, sdlab-tome50   the fast path plus an opt-in speedup that changes the image (DeepCache with
@@ -46,6 +47,8 @@ from pathlib import Path
 PROMPT = "a watercolor painting of a lighthouse on a cliff at dusk"
 NEGATIVE = "blurry, low quality"
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+FAMILY_PRESETS = {"sd15": "sd15", "sdxl": "sdxl-base"}  # --family -> the preset of the random-weight model
+_SD_ONLY = {"sd15": {"safety_checker": None, "requires_safety_checker": False}}  # diffusers options per family
 # Opt-in speedups that change the image (the fast path plus these GenerationParams); their cost in prompt
 # adherence is measured on the built-in model by benchmarks/quality_speedups.py.
 QUALITY_TRADES = {"sdlab-deepcache3": {"deepcache": 3}, "sdlab-tome50": {"token_merging": 0.5}}
@@ -90,8 +93,8 @@ def _load_diffusers(spec: dict):
     import torch
 
     dtype = getattr(torch, DTYPES[spec["precision"]])
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-        spec["model"], torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    cls = diffusers.DiffusionPipeline  # the folder's own pipeline class: StableDiffusion(XL)Pipeline
+    pipe = cls.from_pretrained(spec["model"], torch_dtype=dtype, **_SD_ONLY.get(spec["family"], {}))
     pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config,
                                                                        timestep_spacing="leading")
     pipe.set_progress_bar_config(disable=True)
@@ -118,11 +121,9 @@ def _load_sdlab(spec: dict):
 
     dtype = getattr(torch, DTYPES[spec["precision"]])
     variant = spec["variant"]
-    if variant == "sdlab-plain":
-        model = sdlab.load(spec["model"], dtype=dtype, device=spec["device"])
-    else:
-        model = sdlab.load(spec["model"], device=spec["device"])
-        model = perf.optimize(model, dtype=dtype, compile=variant == "sdlab-compile")
+    model = sdlab.load(spec["model"], dtype=dtype, device=spec["device"])  # converted as it is read
+    if variant != "sdlab-plain":
+        model = perf.optimize(model, compile=variant == "sdlab-compile")
     speedup = QUALITY_TRADES.get(variant, {})
     if "deepcache" in speedup:  # its shallow calls skip UNet.forward: time from conv_in to conv_out instead
         timer = StepTimer(model.unet.conv_in, spec["device"], last=model.unet.conv_out)
@@ -201,25 +202,30 @@ def unet_flop(folder: str, size: int, batch: int = 2) -> float:
     with torch.device("meta"):
         unet = UNet(config.unet)
         x = torch.empty(batch, config.unet.in_channels, size // f, size // f)
-        context = torch.empty(batch, config.text_encoder.max_length, config.unet.context_dim)
+        context = torch.empty(batch, 77, config.unet.context_dim)
+        added = {"added": torch.empty(batch, config.unet.added_dim)} if config.unet.added_dim else {}
         with FlopCounterMode(display=False) as counter:
-            unet(x, torch.full((batch,), 500.0), context)
+            unet(x, torch.full((batch,), 500.0), context, **added)
     return counter.get_total_flops()
 
 
-def ensure_model(path: str | None) -> str:
-    """The model folder to benchmark: `path`, or a random SD 1.5-config model built once (seed 0) and cached."""
+def ensure_model(path: str | None, family: str = "sd15") -> str:
+    """The model folder to benchmark: `path`, or a random model of the family's preset built once (seed 0)
+    and cached (SDXL's in fp16: 7 GB instead of 14)."""
     if path:
         return path
-    folder = Path(tempfile.gettempdir()) / "sdlab_bench" / "sd15"
+    folder = Path(tempfile.gettempdir()) / "sdlab_bench" / family
     if not (folder / "model_index.json").is_file():
         import torch
 
         import sdlab
 
-        print(f"building a random SD 1.5-config model in {folder} (once) ...", flush=True)
+        preset = FAMILY_PRESETS[family]
+        print(f"building a random {preset}-config model in {folder} (once) ...", flush=True)
         torch.manual_seed(0)
-        sdlab.Model.build(sdlab.PRESETS["sd15"]).save(folder)
+        dtype = torch.float16 if family == "sdxl" else None
+        model = sdlab.Model.build(sdlab.PRESETS[preset], dtype=torch.bfloat16 if dtype else torch.float32)
+        model.save(folder, dtype=dtype)
     return str(folder)
 
 
@@ -246,6 +252,7 @@ def measure(args, model: str, workdir: str) -> dict:
         for precision in args.precisions:
             for variant in args.variants:
                 spec = {"variant": variant, "precision": precision, "model": model, "device": args.device,
+                        "family": args.family,
                         "size": args.size, "steps": args.steps, "cfg": args.cfg, "seed": args.seed,
                         "gens": args.gens, "threads": args.threads,
                         "image": os.path.join(workdir, f"{variant}_{precision}.npy")}
@@ -295,7 +302,9 @@ def table(args, runs: dict, flop: float) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--model", help="a diffusers SD 1.5-layout folder (default: a cached random-weight one)")
+    p.add_argument("--family", default="sd15", choices=sorted(FAMILY_PRESETS),
+                   help="the random-weight model's family (sdxl: the SDXL base config)")
+    p.add_argument("--model", help="a diffusers folder of --family (default: a cached random-weight one)")
     p.add_argument("--precisions", help="comma list of fp32, bf16, fp16 (default: fp32,bf16 on CPU, fp16 on GPU)")
     p.add_argument("--variants", default="sdlab,diffusers",
                    help="comma list of sdlab, sdlab-plain, sdlab-compile, diffusers")
@@ -315,6 +324,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     gpu = args.device == "cuda"
     defaults = {"size": 512 if gpu else 256, "steps": 50 if gpu else 20, "repeats": 3}
+    if args.family == "sdxl" and not gpu:  # what fits in 24 GB and a few minutes per run on 2 cores
+        defaults = {"size": 512, "steps": 10, "repeats": 1}
+        args.precisions = args.precisions or "bf16"
     if args.quick:
         defaults = {"size": 128, "steps": 4, "repeats": 1}
     for key, value in defaults.items():
@@ -339,7 +351,7 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             print("CUDA is not available on this machine: skipping the GPU benchmark.")
             return 0
-    model = ensure_model(args.model)
+    model = ensure_model(args.model, args.family)
     flop = unet_flop(model, args.size)
     print(f"{args.device}, {args.size}x{args.size}, {args.steps} steps of DPM++ 2M, CFG {args.cfg}, seed {args.seed}, "
           f"{args.threads or 'default'} threads; one UNet call (batch 2) = {flop / 1e12:.3f} TFLOP", flush=True)
