@@ -100,3 +100,40 @@ def test_random_seed_batch_gallery_and_errors(page):
     page.click("#generate")
     page.wait_for_selector("#error:not([hidden])")
     assert page.inner_text("#error") == "422: prompt is 2001 characters; the limit is 2000"
+
+
+@pytest.fixture(scope="module")
+def sdxl_server_url(tmp_path_factory):
+    """A server offering a tiny SDXL base and refiner from its models folder."""
+    import torch
+
+    from sdlab import Model
+    from sdlab.families.sdxl import TINY_SDXL, TINY_SDXL_REFINER
+
+    models = tmp_path_factory.mktemp("models")
+    for config, name in ((TINY_SDXL, "xl-base"), (TINY_SDXL_REFINER, "xl-refiner")):
+        torch.manual_seed(0)
+        Model.build(config).save(models / name)
+    with serve_in_thread(ServerSettings(model=str(models / "xl-base"), models_dir=models, port=0)) as url:
+        yield url
+
+
+def test_sdxl_model_with_a_refiner(browser, sdxl_server_url):
+    page = browser.new_page(viewport={"width": 1100, "height": 850})
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(sdxl_server_url)
+    page.wait_for_function("document.getElementById('refiner').options.length > 1")
+    assert page.input_value("#model") == "xl-base" and page.input_value("#width") == "64"
+    assert page.input_value("#cfg") == "5"  # SDXL's default guidance
+    page.fill("#prompt", "a red circle")
+    set_fields(page, steps=4, seed=3)
+    page.click("#refiner-section summary")
+    page.select_option("#refiner", "xl-refiner")
+    set_fields(page, **{"refiner-switch": 0.5})
+    page.click("#generate")
+    page.wait_for_selector("#gallery figure", timeout=120_000)
+    info = page.inner_text("#infotext")
+    assert "Model: xl-base" in info and "Refiner: xl-refiner [" in info and "Refiner switch at: 0.5" in info
+    page.close()
+    assert errors == [], f"JavaScript errors: {errors}"

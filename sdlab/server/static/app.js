@@ -33,9 +33,12 @@ function errorMessage(response, data) {
 // ---- setup ----
 
 async function init() {
-  const [samplers, schedulers, options] = await Promise.all([
-    api("/sdapi/v1/samplers"), api("/sdapi/v1/schedulers"), api("/sdapi/v1/options"),
+  const [samplers, schedulers, options, models] = await Promise.all([
+    api("/sdapi/v1/samplers"), api("/sdapi/v1/schedulers"), api("/sdapi/v1/options"), api("/sdapi/v1/sd-models"),
   ]);
+  const current = models.find((m) => m.title === options.sd_model_checkpoint || m.filename === options.sd_model_checkpoint);
+  fillSelect($("model"), models.map((m) => [m.model_name, m.model_name]), current?.model_name);
+  fillSelect($("refiner"), models.map((m) => [m.model_name, m.model_name]), null);
   fillSelect($("sampler"), samplers.map((s) => [s.name, s.name]), "DPM++ 2M");
   // Preselect the model's own default schedule (e.g. its trailing timesteps for a zero-terminal-SNR model).
   fillSelect($("schedule"), schedulers.map((s) => [s.name, s.label]), options.sdlab_default_schedule ?? "karras");
@@ -58,7 +61,9 @@ function requestBody(jobId) {
     width: Number($("width").value), height: Number($("height").value),
     batch_size: Number($("batch").value), seed: Number($("seed").value),
     force_task_id: jobId, save_steps: true,
+    refiner_checkpoint: $("refiner").value || null, refiner_switch_at: Number($("refiner-switch").value),
     override_settings: {
+      sd_model_checkpoint: $("model").value,
       token_merging_ratio: Number($("token-merging").value), deepcache: Number($("deepcache").value),
     },
   };
