@@ -117,6 +117,10 @@ class StableDiffusionPipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = _broadcast(negative_prompt, len(prompts))
         latents_in = image if isinstance(image, torch.Tensor) else None
+        if denoising_start is not None and latents_in is None:
+            raise ParameterError("denoising_start continues a run from its latents: pass image=<the latents a "
+                                 "pipeline returned with output_type='latent'>; to start from a picture, use "
+                                 "strength instead")
         if latents_in is not None:
             height, width = (side * self.model.config.vae.downscale for side in latents_in.shape[-2:])
         params = GenerationParams(

@@ -182,3 +182,25 @@ def test_a_refiner_folder_is_not_read_as_a_base(tmp_path):
 
 def _with_text_model(key: str) -> str:
     return key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key
+
+
+def test_diffusers_single_file_loader_reads_our_export(tmp_path):
+    """diffusers' own converter (`from_single_file(file, config=folder)`) reads sdlab's single-file SDXL export
+    into the same networks as the folder: the same image. (The two text encoders differ in width here, as
+    in SDXL: diffusers tells them apart by width.)"""
+    import numpy as np
+
+    te2 = dataclasses.replace(TINY_SDXL.network("text_encoder_2"), width=64, projection_dim=64)
+    unet = dataclasses.replace(TINY_SDXL.unet, context_dim=32 + 64, added_input_dim=64 + 6 * 8)
+    config = TINY_SDXL.replace(name="wide", unet=unet, extra_networks={"text_encoder_2": te2})
+    torch.manual_seed(0)
+    model = Model.build(config)
+    folder, file = model.save(tmp_path / "model"), model.save(tmp_path / "model.safetensors", layout="single-file")
+    from_file = StableDiffusionXLPipeline.from_single_file(file, config=str(folder), local_files_only=True)
+    from_folder = StableDiffusionXLPipeline.from_pretrained(folder)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        theirs, ours = getattr(from_file, name).state_dict(), getattr(from_folder, name).state_dict()
+        assert all(torch.equal(theirs[k], v) for k, v in ours.items()), name
+    images = [pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+              for pipe in (from_file, from_folder)]
+    assert np.array_equal(np.asarray(images[0]), np.asarray(images[1]))

@@ -209,6 +209,8 @@ def test_loading_forms(base_folder, refiner_folder, tmp_path):
     assert _max_diff(_run(single, PROMPT, **kwargs), _run(base, PROMPT, **kwargs)) == 0
     with pytest.raises(sdlab.errors.ParameterError, match="prompt_2"):
         base(PROMPT, prompt_2="something else", num_inference_steps=1)
+    with pytest.raises(sdlab.errors.ParameterError, match="output_type='latent'"):
+        refiner(PROMPT, image=_image(), denoising_start=0.8, num_inference_steps=2)
 
 
 def test_output_types(base_folder):
