@@ -73,3 +73,32 @@ def test_requests_on_sdxl_models_are_priced_with_the_added_embedding():
     mlp = 2 * (u.added_input_dim * u.time_embed_dim + u.time_embed_dim * u.time_embed_dim)
     assert with_added.flops(64) - without.flops(64) == pytest.approx(mlp)
     assert with_added.flops(256) - without.flops(256) == pytest.approx(mlp)
+
+
+def test_long_weighted_prompt_by_hand():
+    """A1111's prompt syntax with both encoders: a prompt of two 75-token chunks with emphasis gives, for each
+    encoder, each chunk's raw penultimate layer scaled by its weights with the chunk's mean restored, the
+    chunks joined along the tokens and the encoders along the features; the pooled vector is bigG's of the
+    first chunk (its projected end-of-text state), as A1111 builds SDXL's conditioning."""
+    from sdlab.prompts import stack_chunks, tokenize_weighted
+
+    torch.manual_seed(0)
+    model = Model.build(TINY_SDXL)
+    prompt = "a (red:1.4) circle, [blue] square, " * 12  # ~100 tokens: two chunks
+    params = GenerationParams(prompt=prompt, steps=1, seed=0).resolved(model.config)
+    cond, _ = families.family_of(model.config).condition(model, [prompt], None, params)
+    contexts, pooled = [], None
+    for name, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+        chunks = tokenize_weighted(model.tokenizers[tokenizer], prompt)
+        assert len(chunks) == 2 and any(w != 1 for c in chunks for w in c.weights)
+        ids, weights = stack_chunks(chunks)  # (2, 77)
+        encoder = model.components[name]
+        hidden = encoder.hidden_states(ids)[-2]  # (2, 77, D): the penultimate layer, before the final norm
+        scaled = hidden * weights[..., None]
+        scaled = scaled * (hidden.mean(dim=(1, 2), keepdim=True) / scaled.mean(dim=(1, 2), keepdim=True))
+        contexts.append(scaled.reshape(1, 2 * 77, -1))
+        pooled = encoder.encode(ids[:1])[1]  # (1, P)
+    expected_context = torch.cat(contexts, dim=-1)
+    assert cond.context.shape == (1, 154, TINY_SDXL.unet.context_dim)
+    torch.testing.assert_close(cond.context, expected_context, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cond.added[:, : pooled.shape[1]], pooled, rtol=1e-5, atol=1e-5)
