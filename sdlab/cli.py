@@ -2,6 +2,7 @@
 
     sdlab generate "a red circle above a blue square" --seed 7 --steps 20 --size 64x64
     sdlab generate --from-png outputs/00001-7.png            # re-create an image from its metadata
+    sdlab generate "a lighthouse" --model sdxl.safetensors --original-size 2048x2048 --crop-top-left 0,0
     torchrun --nproc-per-node 4 -m sdlab.cli generate --prompts prompts.txt --seed 100
     sdlab img2img "a blue star" --init in.png --strength 0.6
     sdlab inpaint "a green square" --init in.png --mask mask.png
@@ -57,6 +58,24 @@ PARAM_FLAGS = {
                                          "0-0.75 (faster, slightly different images)"),
     "deepcache": ("--deepcache", "N > 1: the whole UNet only every N-th step, cached deep features between "
                                  "(faster, slightly different images)"),
+    "aesthetic_score": ("--aesthetic-score", "SDXL refiner: the aesthetic score it is conditioned on"),
+    "negative_aesthetic_score": ("--negative-aesthetic-score", "SDXL refiner: the negative prompt's aesthetic score"),
+}
+# SDXL's size and crop conditions (GenerationParams keeps (height, width) and (top, left) as diffusers does):
+# sizes are given as WxH like --size, a crop's corner as TOP,LEFT. Other families ignore them.
+CONDITION_FLAGS = {
+    "original_size": ("--original-size", "size", "WxH", "SDXL: the original image size to condition on "
+                      "(default: the image's size)"),
+    "target_size": ("--target-size", "size", "WxH", "SDXL base: the target size to condition on "
+                    "(default: the image's size)"),
+    "crops_coords_top_left": ("--crop-top-left", "crop", "TOP,LEFT", "SDXL: the crop corner to condition on "
+                              "(default: 0,0)"),
+    "negative_original_size": ("--negative-original-size", "size", "WxH", "SDXL: the negative prompt's "
+                               "original size (default: --original-size)"),
+    "negative_target_size": ("--negative-target-size", "size", "WxH", "SDXL base: the negative prompt's target "
+                             "size (default: --target-size)"),
+    "negative_crops_coords_top_left": ("--negative-crop-top-left", "crop", "TOP,LEFT", "SDXL: the negative "
+                                       "prompt's crop corner (default: --crop-top-left)"),
 }
 IMAGE_FLAGS = {"strength": ("--strength", "img2img: fraction of the schedule to run (1 = ignore the image)")}
 
@@ -114,6 +133,9 @@ def _add_param_flags(p: argparse.ArgumentParser, *, with_image: bool) -> None:
                        help=help_text if "(default:" in help_text else f"{help_text} (default: {default})")
     p.add_argument("--size", type=_size, default=argparse.SUPPRESS, metavar="WxH",
                    help="image size, e.g. 512x512 (default: the model's native size)")
+    for name, (flag, kind, metavar, help_text) in CONDITION_FLAGS.items():
+        p.add_argument(flag, dest=name, type=_hw if kind == "size" else _crop, default=argparse.SUPPRESS,
+                       metavar=metavar, help=help_text)
 
 
 def _scalar(hint) -> type:
@@ -126,6 +148,21 @@ def _size(text: str) -> tuple[int, int]:
 
     try:
         return parse_size(text)
+    except ParameterError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _hw(text: str) -> tuple[int, int]:
+    """'1024x768' (WxH, as --size) -> (768, 1024): GenerationParams' (height, width)."""
+    width, height = _size(text)
+    return height, width
+
+
+def _crop(text: str) -> tuple[int, int]:
+    from .pngmeta import parse_crop
+
+    try:
+        return parse_crop(text)
     except ParameterError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -248,7 +285,8 @@ def _base_params(args) -> tuple[GenerationParams, dict]:
         if args.mode == "generate" and "Denoising strength" in fields:
             log.warning("%s was made from an init image: re-create it with `sdlab img2img --from-png ... "
                         "--init IMAGE` (or inpaint)", args.from_png)
-    changes = {name: getattr(args, name) for name in {**PARAM_FLAGS, **IMAGE_FLAGS} if hasattr(args, name)}
+    flags = {**PARAM_FLAGS, **IMAGE_FLAGS, **CONDITION_FLAGS}
+    changes = {name: getattr(args, name) for name in flags if hasattr(args, name)}
     if hasattr(args, "prompt"):
         changes["prompt"] = args.prompt
     if hasattr(args, "size"):

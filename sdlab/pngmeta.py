@@ -11,7 +11,9 @@ written as a JSON string. Other tools (A1111, ComfyUI readers, civitai) read thi
 `params_from_infotext` reads it back, so `sdlab generate --from-png` re-creates an image.
 
 Image i of a batch is written with its own seed (`seed + i`) and batch size 1 in the parameters that
-matter for re-creation, so each image can be re-made alone.
+matter for re-creation, so each image can be re-made alone. SDXL's micro-conditions, where a request sets
+them, have keys of sdlab's own (A1111 writes none): "Original size: 2048x2048", "Crop top-left: "0,64"",
+"Target size", their "Negative ..." forms, "Aesthetic score" (see `SIZE_CONDITIONS`).
 """
 
 from __future__ import annotations
@@ -120,8 +122,40 @@ def _fields(params: GenerationParams, model: ModelInfo | None, index: int) -> di
         fields["Token merging ratio"] = _number(params.token_merging)
     if params.deepcache != 1:
         fields["DeepCache"] = params.deepcache
+    fields |= _condition_fields(params)
     fields["Version"] = VERSION
     return fields
+
+
+# SDXL's micro-conditions (GenerationParams field -> infotext key), written only when set (None and the
+# defaults leave them out: the image's own size, crop (0, 0), aesthetic scores 6 / 2.5). A1111's infotext has
+# no keys for them (it always conditions on the image's size), so these are sdlab's own, in its style:
+# sizes as "WxH" like "Size", a crop as "TOP,LEFT" in the field's order (quoted, as values with commas are).
+SIZE_CONDITIONS = {"original_size": "Original size", "target_size": "Target size",
+                   "negative_original_size": "Negative original size", "negative_target_size": "Negative target size"}
+CROP_CONDITIONS = {"crops_coords_top_left": "Crop top-left", "negative_crops_coords_top_left": "Negative crop top-left"}
+SCORE_CONDITIONS = {"aesthetic_score": "Aesthetic score", "negative_aesthetic_score": "Negative aesthetic score"}
+
+
+def _condition_fields(params: GenerationParams) -> dict[str, object]:
+    fields: dict[str, object] = {}
+    for name, key in SIZE_CONDITIONS.items():
+        if (value := getattr(params, name)) is not None:
+            height, width = value
+            fields[key] = f"{width}x{height}"
+    for name, key in CROP_CONDITIONS.items():
+        value = getattr(params, name)
+        if value is not None and tuple(value) != GenerationParams.crops_coords_top_left:
+            fields[key] = format_crop(value)
+    for name, key in SCORE_CONDITIONS.items():
+        if getattr(params, name) != getattr(GenerationParams, name):
+            fields[key] = _number(getattr(params, name))
+    return fields
+
+
+def format_crop(value: tuple[int, int]) -> str:
+    """(top, left) -> "TOP,LEFT"."""
+    return f"{value[0]},{value[1]}"
 
 
 def _number(x: float) -> int | float:
@@ -286,6 +320,25 @@ def _read_numbers(fields: dict[str, str], changes: dict[str, object]) -> None:
             changes["width"], changes["height"] = parse_size(fields["Size"])
         except ParameterError:
             raise ValueError("Size (not WIDTHxHEIGHT)") from None
+    for name, key in SIZE_CONDITIONS.items():
+        if key in fields:
+            try:
+                width, height = parse_size(fields[key])
+            except ParameterError:
+                raise ValueError(f"{key} (not WIDTHxHEIGHT)") from None
+            changes[name] = (height, width)  # GenerationParams keeps diffusers' (height, width)
+    for name, key in CROP_CONDITIONS.items():
+        if key in fields:
+            try:
+                changes[name] = parse_crop(fields[key])
+            except ParameterError:
+                raise ValueError(f"{key} (not TOP,LEFT)") from None
+    for name, key in SCORE_CONDITIONS.items():
+        if key in fields:
+            try:
+                changes[name] = float(fields[key])
+            except ValueError:
+                raise ValueError(f"{key} (not a number)") from None
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -293,4 +346,12 @@ def parse_size(text: str) -> tuple[int, int]:
     match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
     if not match:
         raise ParameterError(f"size {text!r} is not WIDTHxHEIGHT, e.g. 512x512")
+    return int(match[1]), int(match[2])
+
+
+def parse_crop(text: str) -> tuple[int, int]:
+    """'0,64' -> (0, 64): a crop's top-left corner (top, left) in pixels."""
+    match = re.fullmatch(r"\s*(\d+)\s*,\s*(\d+)\s*", text)
+    if not match:
+        raise ParameterError(f"crop {text!r} is not TOP,LEFT in pixels, e.g. 0,0")
     return int(match[1]), int(match[2])

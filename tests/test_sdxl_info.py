@@ -97,7 +97,8 @@ def test_text_names_the_family_and_the_sdxl_parts(saved, capsys, kind):
         family = families.family_of(model.config)
         assert lines["family"] == f"{family.label} [{family.name}, config {model.config.name}]"
         assert lines["native size"] == "64x64 (default CFG scale 5)"
-        assert lines["unet"].endswith(f"added text_time vector (pooled text 32 + {5 if kind == 'refiner' else 6} numbers)")
+        time_ids = 5 if kind == "refiner" else 6
+        assert lines["unet"].endswith(f"added text_time vector (pooled text 32 + {time_ids} numbers)")
         assert lines["text enc. 2"] == "width 32, 3 layers, projection 32"
         assert ("text enc." in lines) is (kind == "base")
         assert "force_upcast" in lines["vae"]
