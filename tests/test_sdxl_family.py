@@ -45,6 +45,10 @@ def test_single_file_detection_without_sdlab_metadata(tmp_path):
     ckpt = load_checkpoint(tmp_path / "plain.safetensors")
     assert ckpt.config.family == "sdxl" and ckpt.config.unet == unet
     assert ckpt.config.network("text_encoder_2") == te2 and ckpt.config.text_encoder == te
+    assert ckpt.config.prediction == "epsilon"
+    # v-prediction where the file's metadata says so (Stability's modelspec keys, as SDXL v-pred fine-tunes carry)
+    save_file(tensors, tmp_path / "vpred.safetensors", metadata={"modelspec.prediction_type": "v"})
+    assert load_checkpoint(tmp_path / "vpred.safetensors").config.prediction == "v_prediction"
     # an SDXL file missing one text encoder: one clear error naming what is missing
     save_file({k: v for k, v in tensors.items() if not k.startswith("conditioner.embedders.1.")},
               tmp_path / "half.safetensors")
