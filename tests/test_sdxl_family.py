@@ -49,6 +49,9 @@ def test_single_file_detection_without_sdlab_metadata(tmp_path):
     # v-prediction where the file's metadata says so (Stability's modelspec keys, as SDXL v-pred fine-tunes carry)
     save_file(tensors, tmp_path / "vpred.safetensors", metadata={"modelspec.prediction_type": "v"})
     assert load_checkpoint(tmp_path / "vpred.safetensors").config.prediction == "v_prediction"
+    # the original .ckpt form (a torch zip with the weights under state_dict), read without running code
+    torch.save({"state_dict": tensors, "global_step": 1}, tmp_path / "m.ckpt")
+    assert load_checkpoint(tmp_path / "m.ckpt").config.unet == unet
     # an SDXL file missing one text encoder: one clear error naming what is missing
     save_file({k: v for k, v in tensors.items() if not k.startswith("conditioner.embedders.1.")},
               tmp_path / "half.safetensors")
