@@ -371,14 +371,15 @@ def sd1_kohya(updates):
 
 
 def assert_refused(target, path, lora_family, match=None):
-    before = {k: v.clone() for k, v in target.unet.state_dict().items()}
+    meta = target.unet.conv_in.weight.is_meta
+    before = {} if meta else {k: v.clone() for k, v in target.unet.state_dict().items()}
     with pytest.raises(CheckpointError) as info:
         apply_lora(target, path)
     message = str(info.value)
     assert message.count(str(path)) == 1, message  # the file, once
     assert f"is for {families.get_family(lora_family).label}" in message, message  # what the LoRA is for
     assert f"{target.config.name!r}, {families.family_of(target.config).label}" in message, message  # the model
-    assert all(torch.equal(v, before[k]) for k, v in target.unet.state_dict().items())
+    assert all(torch.equal(v, before[k]) for k, v in before.items())  # unchanged
     return message
 
 
@@ -413,3 +414,23 @@ def test_base_and_refiner_loras_are_not_swapped(model, tmp_path):
     refiner_lora = save(kohya_tensors(random_updates(refiner, seed=9, conv=False)), tmp_path / "refiner")
     assert_refused(refiner, base_lora, "sdxl")
     assert_refused(model, refiner_lora, "sdxl-refiner")
+
+
+def test_real_sizes_name_the_families(tmp_path):
+    """SD 1.5 and SDXL base at their real sizes (built on the meta device: only shapes are looked at before
+    a misfit is refused): the message says which each LoRA is for, by its keys and its context width."""
+    sd15, xl = (sdlab.Model.build(families.get_family(f).presets[0], device="meta") for f in ("sd1", "sdxl"))
+
+    def lora(modules):
+        return {f"{name}.{part}": torch.zeros(shape) for name, (o, i) in modules.items()
+                for part, shape in (("lora_down.weight", (RANK, i)), ("lora_up.weight", (o, RANK)))}
+
+    attn = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn"
+    for_sd15 = lora({f"{attn}2_to_k": (640, 768), f"{attn}1_to_q": (640, 640),
+                     "lora_te_text_model_encoder_layers_0_self_attn_q_proj": (768, 768)})
+    for_xl = lora({f"{attn}2_to_k": (640, 2048), "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (768, 768),
+                   "lora_te2_text_model_encoder_layers_0_self_attn_q_proj": (1280, 1280)})
+    message = assert_refused(xl, save(for_sd15, tmp_path / "sd15"), "sd1")
+    assert "768-wide text context; this model's, 2048" in message and "'sdxl-base'" in message
+    message = assert_refused(sd15, save(for_xl, tmp_path / "xl"), "sdxl")
+    assert "2048-wide text context; this model's, 768" in message

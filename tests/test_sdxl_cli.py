@@ -16,6 +16,7 @@ import sdlab
 from sdlab.cli import main
 from sdlab.families.sdxl import TINY_SDXL, TINY_SDXL_REFINER
 from sdlab.fingerprint import sha256_file
+from sdlab.lora import inject_lora
 from sdlab.pngmeta import parse_infotext, png_info, read_infotext
 from sdlab.params import GenerationParams
 
@@ -147,3 +148,24 @@ def test_a_bad_condition_in_a_png_names_the_file_and_key(models, plain, tmp_path
                  str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "Original size (not WIDTHxHEIGHT)" in err
+
+
+def test_a_lora_tag_on_sdxl_finds_its_file_in_the_lora_dir(models, plain, tmp_path, capsys):
+    """A kohya file (lora_unet_ / lora_te1_ / lora_te2_, as sdlab's LoRA training writes it) named by a
+    <lora:name:w> tag: the same image as GenerationParams.loras with that file, not the plain one."""
+    model = sdlab.load(models / "base")
+    network = inject_lora(model, rank=4, text_encoder=True)
+    with torch.no_grad():
+        for adapter in network.adapters.values():
+            adapter.lora_up.weight.normal_(0, 0.3)  # a fresh adapter is zero: give it an effect
+    assert {name.split("_")[1] for name in network.adapters} == {"unet", "te1", "te2"}
+    network.save(tmp_path / "loras" / "style.safetensors")
+    network.detach()
+    code, (path,) = run(capsys, "generate", "a red circle <lora:style:0.8>", "--negative", "blurry", "--model",
+                        models / "base", *COMMON, "--lora-dir", tmp_path / "loras", "--out", tmp_path / "out")
+    assert code == 0
+    image = pixels(path)
+    assert np.abs(image - pixels(plain)).max() > 10
+    params = GenerationParams(prompt="a red circle", negative_prompt="blurry", width=64, height=64, steps=2, seed=3,
+                              loras=((str(tmp_path / "loras" / "style.safetensors"), 0.8),))
+    assert np.array_equal(np.asarray(sdlab.generate(model, params).images[0], dtype=np.int16), image)
