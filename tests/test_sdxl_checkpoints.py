@@ -173,11 +173,17 @@ def test_reads_what_diffusers_saves_fp16_sharded(tmp_path):
         assert all(torch.equal(theirs[k], v.half().float()) for k, v in net.state_dict().items()), name
 
 
-def test_a_refiner_folder_is_not_read_as_a_base(tmp_path):
-    model = Model.build(TINY_SDXL_REFINER)
-    folder = model.save(tmp_path / "refiner")
-    with pytest.raises(CheckpointError, match="refiner"):
-        load_checkpoint(folder, family="sdxl")
+def test_a_refiner_is_not_read_as_a_base_nor_the_reverse(tmp_path):
+    refiner, base = Model.build(TINY_SDXL_REFINER), Model.build(TINY_SDXL)
+    folder = refiner.save(tmp_path / "refiner")
+    with pytest.raises(CheckpointError, match=r"a model of SDXL refiner .* cannot be read as 'sdxl-base'"):
+        load_checkpoint(folder, family="sdxl-base")
+    file = base.save(tmp_path / "base.safetensors", layout="single-file")
+    with pytest.raises(CheckpointError, match=r"a model of SDXL \(.* cannot be read as 'sdxl-refiner'"):
+        load_checkpoint(file, family="sdxl-refiner")
+    with pytest.raises(CheckpointError, match=r"cannot be read as 'sd15'"):
+        load_checkpoint(file, family="sd15")
+    assert load_checkpoint(folder, family="sdxl-refiner").config == TINY_SDXL_REFINER  # its own family: fine
 
 
 def _with_text_model(key: str) -> str:

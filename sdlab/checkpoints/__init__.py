@@ -140,8 +140,9 @@ def _load_folder(path: Path, family, prediction, variant):
             f"{path}: a folder without model_index.json; give a diffusers folder or a single checkpoint file"
         )
     config, weights, tokenizer_dirs = read_folder(path, variant=variant)
-    if family is not None:
-        config = resolve_family(family)
+    if family is not None:  # the folder's config files say what it is; a different family is an error
+        families.check_claimed_family(resolve_family(family), None, str(path),
+                                      detected=families.family_of(config))
     if prediction:
         config = config.replace(prediction=prediction)
     return config, weights, tokenizer_dirs

@@ -45,6 +45,7 @@ def single_file_config(raw: RawCheckpoint, *, family=None, prediction: str | Non
     """The config of a single file: the `family` given, else the one sdlab stored in it, else detection."""
     if family is not None:
         config = resolve_family(family)
+        families.check_claimed_family(config, raw.tensors.keys(), str(raw.path))
     elif CONFIG_KEY in raw.metadata:
         config = configs.config_from_json(raw.metadata[CONFIG_KEY], f"{raw.path} (metadata {CONFIG_KEY!r})",
                                           default_family=lambda: _family_from_keys(raw))

@@ -27,7 +27,7 @@ from .sdxl import SDXL_BASE, SDXL_INPAINT, SDXL_REFINER, TINY_SDXL, TINY_SDXL_RE
 
 __all__ = [
     "Family", "KeyMap", "Component", "LatentFormat", "latent_format", "FAMILIES", "PRESETS", "family_of",
-    "get_family", "detect_single_file",
+    "get_family", "detect_single_file", "check_claimed_family",
     "detect_folder", "SUPPORTED", "SD15", "SD15_INPAINT", "SD21_BASE", "SD21", "SD2_INPAINT", "TINY",
     "SDXL_BASE", "SDXL_INPAINT", "SDXL_REFINER", "TINY_SDXL", "TINY_SDXL_REFINER",
 ]  # fmt: skip
@@ -98,6 +98,21 @@ def _what_else(keys: Collection[str]) -> str | None:
     if any(k.startswith(UNET_ROOT + "label_emb.") for k in keys):
         return "a class- or size-conditioned UNet of a family sdlab does not have (e.g. the x4 upscaler)"
     return None
+
+
+def check_claimed_family(claimed: ModelConfig, keys: Collection[str] | None, where: str, *,
+                         detected: Family | None = None) -> None:
+    """A family named by the caller (`family=`) must be the one the files are: the one family whose keys
+    these are (single files; a file no family or several families claim is left to the caller's word) or
+    the folder's `detected` family. Reading an SDXL refiner as a base, say, is an error naming both."""
+    if detected is None:
+        matches = [f for f in _REGISTERED if f.matches_keys(keys)]
+        detected = matches[0] if len(matches) == 1 else None
+    if detected is not None and detected.name != claimed.family:
+        raise CheckpointError(
+            f"{where}: this is a model of {detected.label}; it cannot be read as {claimed.name!r} (a preset of "
+            f"{get_family(claimed.family).label}). Leave family= out, or pick one of "
+            f"{[p.name for p in detected.presets]}")
 
 
 def detect_folder(index: Mapping[str, Any], component_configs: Mapping[str, Mapping[str, Any]],
