@@ -114,6 +114,10 @@ def _add_generate(sub, mode: str, common) -> None:
         p.add_argument("--mask", type=Path, required=mode == "inpaint", help="white = repaint")
     _add_param_flags(p, with_image=mode != "generate")
     _add_model_flags(p)
+    p.add_argument("--refiner", metavar="MODEL", help="a second model that finishes each image (the SDXL "
+                   "refiner): a checkpoint file or diffusers folder, as --model")
+    p.add_argument("--refiner-switch-at", dest="refiner_switch_at", type=float, default=argparse.SUPPRESS,
+                   metavar="F", help="the fraction of the steps after which the refiner takes over (default: 0.8)")
     p.add_argument("--lora-dir", type=Path, action="append", dest="lora_dirs", metavar="DIR",
                    help="where <lora:name:w> prompt tags find name.safetensors (repeatable; default: loras)")
     p.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs)")
@@ -263,6 +267,7 @@ def cmd_generate(args) -> int:
     base, png_model = _base_params(args)
     check_output_folder(args.out, name=f"--out {args.out}")  # before minutes of work are spent on images
     model, info = _load_model(args, png_model)
+    refiner = _load_refiner(args, png_model)
     if getattr(args, "prompts", None):
         rank, world = process_rank()
         if base.seed is None:
@@ -271,9 +276,9 @@ def cmd_generate(args) -> int:
         jobs = shard(read_prompts(args.prompts), base.seed, base.batch_size, rank, world)
         log.info("process %d of %d: %d prompts", rank, world, len(jobs))
         for job in jobs:
-            _generate_and_save(model, info, base.replace(prompt=job.prompt, seed=job.seed), args)
+            _generate_and_save(model, info, base.replace(prompt=job.prompt, seed=job.seed), args, refiner)
     else:
-        _generate_and_save(model, info, base, args)
+        _generate_and_save(model, info, base, args, refiner)
     return 0
 
 
@@ -287,6 +292,8 @@ def _base_params(args) -> tuple[GenerationParams, dict]:
                         "--init IMAGE` (or inpaint)", args.from_png)
     flags = {**PARAM_FLAGS, **IMAGE_FLAGS, **CONDITION_FLAGS}
     changes = {name: getattr(args, name) for name in flags if hasattr(args, name)}
+    if hasattr(args, "refiner_switch_at"):
+        changes["refiner_switch_at"] = args.refiner_switch_at
     if hasattr(args, "prompt"):
         changes["prompt"] = args.prompt
     if hasattr(args, "size"):
@@ -344,7 +351,22 @@ def _load_model(args, png_fields: dict):
     return model, info
 
 
-def _generate_and_save(model, info, params: GenerationParams, args) -> list[Path]:
+def _load_refiner(args, png_fields: dict):
+    """(the --refiner model, its ModelInfo), or None."""
+    from .fingerprint import model_display_name, model_sha256, short_hash
+    from .model import Model
+    from .pngmeta import ModelInfo
+
+    if getattr(args, "refiner", None) is None:
+        if "Refiner" in png_fields:
+            log.warning("the PNG was finished by the refiner %s: pass it with --refiner to re-create the image",
+                        png_fields["Refiner"])
+        return None
+    model = Model.from_name(args.refiner, device=args.device, dtype=DTYPES[args.dtype]).to(args.device)
+    return model, ModelInfo(model_display_name(args.refiner), short_hash(model_sha256(model)))
+
+
+def _generate_and_save(model, info, params: GenerationParams, args, refiner=None) -> list[Path]:
     from .generation import generate
     from .outputs import save_png, sibling_names, write_new_file
     from .pngmeta import infotext
@@ -353,12 +375,15 @@ def _generate_and_save(model, info, params: GenerationParams, args) -> list[Path
     recorder = TrajectoryRecorder(model) if args.save_steps else None
     bar = _ProgressBar(disable=args.quiet)
     try:
-        result = generate(model, params, callback=chain(bar, recorder), named_loras=_lora_folder(args))
+        result = generate(model, params, callback=chain(bar, recorder), named_loras=_lora_folder(args),
+                          refiner=None if refiner is None else refiner[0])
     finally:
         bar.close()
     resolved, paths = result.params, []
+    refiner_info = None if refiner is None else refiner[1]
     for i, image in enumerate(result.images):  # each path is printed once written: a full disk loses no report
-        paths.append(save_png(image, args.out, seed=resolved.seed + i, text=infotext(resolved, info, index=i)))
+        text = infotext(resolved, info, index=i, refiner=refiner_info)
+        paths.append(save_png(image, args.out, seed=resolved.seed + i, text=text))
         print(paths[-1], flush=True)
     if recorder is not None:
         suffix = "-steps.gif" if args.save_steps == "gif" else "-steps.png"

@@ -169,3 +169,20 @@ def test_a_lora_tag_on_sdxl_finds_its_file_in_the_lora_dir(models, plain, tmp_pa
     params = GenerationParams(prompt="a red circle", negative_prompt="blurry", width=64, height=64, steps=2, seed=3,
                               loras=((str(tmp_path / "loras" / "style.safetensors"), 0.8),))
     assert np.array_equal(np.asarray(sdlab.generate(model, params).images[0], dtype=np.int16), image)
+
+
+def test_refiner_flags_equal_the_python_api(models, tmp_path, capsys):
+    """`--refiner MODEL --refiner-switch-at F` finishes the image with the refiner, as
+    `generate(..., refiner=...)`; the PNG says so as A1111 writes it, and --from-png asks for the refiner."""
+    code, (path,) = run(capsys, "generate", "a red circle", "--model", models / "base", "--refiner",
+                        models / "refiner", "--refiner-switch-at", "0.5", *COMMON, "--out", tmp_path / "a")
+    assert code == 0
+    meta = fields(path)
+    assert meta["Refiner"].startswith("refiner [") and meta["Refiner switch at"] == "0.5"
+    base, refiner = sdlab.Model.load(models / "base"), sdlab.Model.load(models / "refiner")
+    params = GenerationParams(prompt="a red circle", width=64, height=64, steps=2, seed=3, refiner_switch_at=0.5)
+    expected = np.asarray(sdlab.generate(base, params, refiner=refiner).images[0], dtype=np.int16)
+    assert np.array_equal(pixels(path), expected)
+    code, (again,) = run(capsys, "generate", "--from-png", path, "--model", models / "base", "--refiner",
+                         models / "refiner", "-q", "--out", tmp_path / "b")
+    assert code == 0 and np.array_equal(pixels(again), expected)
