@@ -37,6 +37,7 @@ Task = Literal["diffusion", "vae"]
 Precision = Literal["no", "bf16"]
 LRSchedule = Literal["cosine", "constant"]
 ReconLoss = Literal["l1", "l2"]
+Sharding = Literal["ddp", "fsdp"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
     ema_decay: float = 0.0  # 0 disables EMA; e.g. 0.999
     precision: Precision = "no"  # "bf16": autocast (CPU and GPU)
+    # Under torchrun: "ddp" keeps a whole copy of the trained networks per process (DistributedDataParallel);
+    # "fsdp" shards their weights, gradients and optimizer state across processes (FSDP2, `sharding.py`).
+    sharding: Sharding = "ddp"
     seed: int = 0
 
     # --- diffusion objective ----------------------------------------------------------------------------
@@ -152,6 +156,11 @@ def _check(condition: bool, message: str) -> None:
 def _validate(c: TrainConfig) -> None:
     _check(c.task in typing.get_args(Task), f"task={c.task!r}: use one of {typing.get_args(Task)}")
     _check(c.precision in typing.get_args(Precision), f"precision={c.precision!r}: use 'no' or 'bf16'")
+    _check(c.sharding in typing.get_args(Sharding),
+           f"sharding={c.sharding!r}: use 'ddp' (a whole copy per process) or 'fsdp' (sharded across processes)")
+    _check(c.sharding == "ddp" or (c.task == "diffusion" and not c.uses_lora),
+           f"sharding='fsdp' shards full networks of diffusion training (task='diffusion', lora_rank=0); "
+           f"{'a LoRA' if c.uses_lora else 'task=' + repr(c.task)} trains with sharding='ddp'")
     _check(c.lr_schedule in typing.get_args(LRSchedule), f"lr_schedule={c.lr_schedule!r}: use 'cosine' or 'constant'")
     _check(c.recon_loss in typing.get_args(ReconLoss), f"recon_loss={c.recon_loss!r}: use 'l1' or 'l2'")
     _check(c.prediction in (None, "epsilon", "v_prediction"),

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from .. import families
 from ..errors import ParameterError
 from ..model import Model
-from . import distributed
+from . import distributed, sharding
 from .config import TrainConfig, model_config_to_dict, resolve_model_config
 from .data import (
     BatchOrder,
@@ -48,7 +49,8 @@ log = logging.getLogger(__name__)
 # Settings that may change when a run is resumed; any other difference means another experiment.
 RESUMABLE_CHANGES = {"steps", "save_every", "keep_last", "log_every", "eval_every", "sample_every", "sample_prompts",
                      "sample_steps", "sample_guidance", "export_layouts", "progress_bar", "resume", "output_dir",
-                     "device", "cooldown_steps"}  # like steps: both say where the run ends
+                     "device", "cooldown_steps",  # like steps: both say where the run ends
+                     "sharding"}  # the same numbers either way (checkpoints are whole in both)
 
 
 @dataclass
@@ -127,13 +129,19 @@ class Trainer:
         self._check_resolution()
         self.task = self._make_task()
         self.task.objective.to(self.dist.device)  # its own buffers and modules (schedule, discriminator)
+        self.fsdp = config.sharding == "fsdp" and self.dist.enabled
+        if self.fsdp:  # before the optimizer: it must hold the sharded parameters
+            sharding.shard(self.task.trained)
         self.params = {n: p for n, p in self.task.objective.named_parameters() if p.requires_grad}
+        # FSDP: the optimizer and EMA work on this rank's shards of the parameters, as plain tensors.
+        self.shards = sharding.Shards(self.params) if self.fsdp else None
+        updated = self.shards.local if self.fsdp else self.params
         # fused=True: one kernel per step instead of ~10 per tensor (a tenth of a small model's step time).
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=config.lr, betas=config.adam_betas,
+        self.optimizer = torch.optim.AdamW(updated.values(), lr=config.lr, betas=config.adam_betas,
                                            eps=config.adam_eps, weight_decay=config.weight_decay,
                                            fused=self.dist.device.type in ("cpu", "cuda"))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(config, s))
-        self.ema = EMA(self.params, config.ema_decay) if config.ema_decay > 0 else None
+        self.ema = EMA(updated, config.ema_decay) if config.ema_decay > 0 else None
         self.global_batch = config.batch_size * self.dist.world_size
         self.stream = DataStream(BatchOrder(len(self.source), self.global_batch, config.seed,
                                             getattr(self.source, "sizes", None)))
@@ -187,7 +195,7 @@ class Trainer:
         return LatentCache.load(path, key)
 
     def _wrap(self, objective: torch.nn.Module) -> torch.nn.Module:
-        if not self.dist.enabled:
+        if not self.dist.enabled or self.fsdp:  # FSDP: the sharded networks inside do the communication
             return objective
         device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
         return DistributedDataParallel(objective, device_ids=device_ids, find_unused_parameters=self._some_unused())
@@ -223,18 +231,22 @@ class Trainer:
         for micro in range(config.grad_accum):
             batch, noise = self._next_micro_batch()
             sync = micro == config.grad_accum - 1 or not self.dist.enabled
-            with (nullcontext() if sync else self.objective.no_sync()), self._autocast():
+            with self._gradient_sync(sync), self._autocast():
                 loss, parts = self.objective(*self.task.inputs(batch, noise, self.step))
             (loss / config.grad_accum).backward()
             total += float(loss.detach()) / config.grad_accum
             for k, v in parts.items():
                 metrics[k] = metrics.get(k, 0.0) + float(v) / config.grad_accum
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this step used
+        if self.shards is not None:
+            self.shards.pull_grads()
         if config.max_grad_norm > 0:
-            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), config.max_grad_norm))
+            metrics["grad_norm"] = self._clip(config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.shards is not None:
+            self.shards.clear_grads()
         if self.ema is not None:
             self.ema.update()
         self.step += 1
@@ -250,6 +262,19 @@ class Trainer:
         noise = self.task.draw(self.step_rng, len(indices), batch["pixels"].shape)
         return batch, noise.rows(start, start + len(mine))
 
+    def _clip(self, max_norm: float) -> float:
+        if self.shards is not None:
+            return self.shards.clip_grad_norm_(max_norm)
+        return float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), max_norm))
+
+    def _gradient_sync(self, sync: bool):
+        """Whether this micro-batch's backward averages gradients across processes (the last of a step)."""
+        if sync or not self.dist.enabled:
+            return nullcontext()
+        if self.fsdp:
+            return sharding.gradient_sync(list(self.task.trained.values()), False)
+        return self.objective.no_sync()
+
     def _autocast(self):
         enabled = self.config.precision == "bf16"
         return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=enabled)
@@ -260,7 +285,7 @@ class Trainer:
             self._log(loss, metrics, speed)
         if config.eval_every and step % config.eval_every == 0:
             self._log_eval()
-        if config.sample_every and step % config.sample_every == 0 and self.dist.is_main:
+        if config.sample_every and step % config.sample_every == 0 and (self.dist.is_main or self.fsdp):
             self.save_samples()
         if config.save_every and step % config.save_every == 0:
             self.save_checkpoint()
@@ -286,22 +311,37 @@ class Trainer:
     # --- checkpoints --------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
+        """Everything a checkpoint holds. With FSDP a collective (every rank calls it) that gathers whole
+        tensors onto rank 0, where it is complete (the other ranks' copies lack the gathered parts)."""
         return {
             "config": self.config.to_dict(),
             "model_config": model_config_to_dict(self.model.config),
-            "trained": {name: module.state_dict() for name, module in self.task.trained.items()},
+            "trained": {name: self._module_state(module) for name, module in self.task.trained.items()},
             "frozen": weights_fingerprint(self.task.frozen),
-            "ema": self.ema.state_dict() if self.ema else None,
-            "optimizer": self.optimizer.state_dict(),
+            "ema": self._ema_state(),
+            "optimizer": (self.shards.whole_optimizer(self.optimizer.state_dict(), list(self.params))
+                          if self.fsdp else self.optimizer.state_dict()),
             "scheduler": self.scheduler.state_dict(),
             "data": self.stream.state_dict(),
             "rng": capture_rng({"step": self.step_rng}),
         }
 
+    def _module_state(self, module: torch.nn.Module) -> dict:
+        return sharding.gather_model(module) if self.fsdp else module.state_dict()
+
+    def _ema_state(self) -> dict | None:
+        if self.ema is None:
+            return None
+        state = self.ema.state_dict()
+        if self.fsdp:  # whole averages, gathered (on the CPU, as the networks' are)
+            state["shadow"] = self.shards.whole_tensors(state["shadow"])
+        return state
+
     def save_checkpoint(self) -> Path | None:
         path = None
+        state = self.state_dict() if self.dist.is_main or self.fsdp else None
         if self.dist.is_main:
-            path = self.checkpoints.save(self.step, self.state_dict())
+            path = self.checkpoints.save(self.step, state)
         distributed.barrier(self.dist)
         return path
 
@@ -309,10 +349,16 @@ class Trainer:
         state = CheckpointManager.load(path)
         self._check_same_run(state, path)
         for name, module in self.task.trained.items():
-            module.load_state_dict(state["trained"][name])
+            (sharding.load_model if self.fsdp else type(module).load_state_dict)(module, state["trained"][name])
         if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+            ema = state["ema"]
+            if self.fsdp:  # each rank keeps its shard of the whole averages
+                ema = {**ema, "shadow": {n: self.shards.shard(n, t) for n, t in ema["shadow"].items()}}
+            self.ema.load_state_dict(ema)
+        optimizer = state["optimizer"]
+        if self.fsdp:
+            optimizer = self.shards.sharded_optimizer(optimizer, list(self.params))
+        self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.stream.load_state_dict(state["data"])
         restore_rng(state["rng"], {"step": self.step_rng})
@@ -340,9 +386,11 @@ class Trainer:
         """A grid of the sample prompts (EMA weights if any) as `samples/step-N.png`."""
         if self.config.task == "vae" or not self.config.sample_prompts:
             return None
-        with self._ema_weights(), _eval_mode(self.model):
+        with self._ema_weights(), _eval_mode(self.model):  # FSDP: every rank samples (collectives)
             images = sample_images(self.model, list(self.config.sample_prompts), size=self.config.resolution,
                                    steps=self.config.sample_steps, guidance=self.config.sample_guidance)
+        if not self.dist.is_main:
+            return None
         path = self.out / "samples" / f"step-{self.step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         image_grid(images, columns=min(4, len(images))).save(path)
@@ -357,12 +405,29 @@ class Trainer:
         if self.checkpoints.latest() != self.checkpoints.path(self.step):
             self.save_checkpoint()
         exported = []
-        if self.dist.is_main:
+        if self.fsdp:
+            exported = self._export_sharded()
+        elif self.dist.is_main:
             with self._ema_weights(), _eval_mode(self.model):  # export the averaged weights, if any
                 exported = self.task.export(self.out, self.config.export_layouts)
             plot_loss_curve(self.loss_log.read(), self.out / "loss.png")
         distributed.barrier(self.dist)
         return TrainResult(self.step, self.out, exported, dict(self.last_metrics))
+
+    def _export_sharded(self) -> list[Path]:
+        """FSDP: gather the (averaged) weights onto rank 0 and export a model of plain networks holding them."""
+        with self._ema_weights():
+            states = {name: sharding.gather_model(module) for name, module in self.task.trained.items()}
+        if not self.dist.is_main:
+            return []
+        family, config = families.family_of(self.model.config), self.model.config
+        networks = dict(self.model.components)
+        for name, state in states.items():
+            networks[name] = sharding.plain_copy(networks[name], lambda n=name: family.components[n].build(config),
+                                                 state).to(self.dist.device)
+        model = Model(config, self.model.tokenizers, networks, self.model.source)
+        with _eval_mode(model):
+            return self.task.export(self.out, self.config.export_layouts, model=model)
 
     def close(self) -> None:
         distributed.teardown(self.dist)

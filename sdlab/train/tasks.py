@@ -86,10 +86,12 @@ class DiffusionTask:
     def evaluate(self) -> dict[str, float]:
         return {}
 
-    def export(self, folder: Path, layouts) -> list[Path]:
+    def export(self, folder: Path, layouts, model: Model | None = None) -> list[Path]:
+        """The LoRA file, or the model in each layout (`model`: what to write instead of the trained one,
+        e.g. plain copies of sharded networks)."""
         if self.lora is not None:
             return [self.lora.save(folder / "lora.safetensors")]
-        return _save_model(self.model, folder, layouts)
+        return _save_model(model or self.model, folder, layouts)
 
 
 class VAETask:
