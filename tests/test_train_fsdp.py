@@ -1,7 +1,8 @@
 """`sharding="fsdp"`: two processes (torchrun, gloo on CPU, FSDP2 `fully_shard`) fine-tuning a tiny SDXL (UNet and
 both text encoders) train what one process trains with the same global batch; checkpoints are whole state dicts
 of the same format as one process writes (either resumes from the other's); an interrupted FSDP run resumed
-ends bit for bit where the uninterrupted one does; the export holds the gathered (EMA) weights."""
+ends bit for bit where the uninterrupted one does; the export holds the gathered (EMA) weights.
+(tests/test_train_resume.py kills real processes; here a fresh Trainer resumes in the same processes.)"""
 
 import json
 import os
@@ -19,39 +20,37 @@ from sdlab.train import TrainConfig, Trainer
 from sdlab.train.state import CheckpointManager
 
 # One launch runs several jobs in the same two processes (each a fresh Trainer): starting processes is what
-# costs time here. A job {"config": ..., "crash_at": k} stops after step k's update (the work since the
-# last checkpoint is lost, as in a crash) without closing the process group; {"check_resume": ...} only
-# resumes and saves what each rank then holds, gathered.
+# costs time here. {"config": ...} trains; {"copy": [checkpoint, folder]} puts one checkpoint (and the loss
+# log) into a fresh run folder, as a run killed after that checkpoint leaves it; {"check_resume": ...} only
+# resumes and saves what the ranks then hold, gathered.
 SCRIPT = textwrap.dedent("""
-    import json, os, sys
+    import json, os, shutil, sys
     import torch
+    import torch.distributed as dist
     torch.set_num_threads(1)
     from sdlab.train import TrainConfig, Trainer
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from sdlab.train import sharding
-
-    class Crash(Exception):
-        pass
-
-    def crash_at(step):
-        def callback(trainer):
-            if trainer.step == step:
-                raise Crash
-        return callback
 
     trainer = None
     for job in json.loads(sys.argv[1]):
+        if "copy" in job:
+            source, folder = job["copy"]
+            if int(os.environ["RANK"]) == 0:
+                os.makedirs(os.path.join(folder, "checkpoints"))
+                shutil.copy(source, os.path.join(folder, "checkpoints"))
+                shutil.copy(os.path.join(os.path.dirname(os.path.dirname(source)), "loss.jsonl"), folder)
+            dist.barrier()
+            continue
         config = TrainConfig(**job["config"])
-        if "crash_at" in job:
-            try:
-                Trainer(config, callbacks=[crash_at(job["crash_at"])]).run()
-            except Crash:
-                continue
-            raise SystemExit("did not crash")
         trainer = Trainer(config)
         if job.get("check_resume"):
             gathered = {name: sharding.gather_model(m) for name, m in trainer.task.trained.items()}
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            torchs = {name: get_model_state_dict(m, options=options) for name, m in trainer.task.trained.items()}
             if trainer.dist.is_main:
-                torch.save({"step": trainer.step, "trained": gathered}, os.path.join(config.output_dir, "loaded.pt"))
+                torch.save({"step": trainer.step, "trained": gathered, "torch": torchs},
+                           os.path.join(config.output_dir, "loaded.pt"))
             continue
         trainer.run()
     trainer.close()
@@ -62,7 +61,7 @@ NETWORKS = {"unet", "text_encoder", "text_encoder_2"}
 
 def settings(tmp_path, name, **changes):
     # adam_eps well above the rounding noise of gradients (see tests/test_train_distributed.py).
-    values = dict(model="tiny-sdxl", data="shapes", shapes_length=16, resolution=32, steps=3, batch_size=2,
+    values = dict(model="tiny-sdxl", data="shapes", shapes_length=16, resolution=32, steps=3, batch_size=1,
                   grad_accum=2, lr=1e-3, adam_eps=1e-4, warmup_steps=1, caption_dropout=0.3, ema_decay=0.5,
                   train_text_encoder=True, sharding="fsdp", save_every=2, keep_last=3, log_every=1,
                   output_dir=str(tmp_path / name), progress_bar=False, export_layouts=[])
@@ -105,19 +104,17 @@ def assert_close(a, b, where, exact=False):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """FSDP runs (2 processes x batch 2): uninterrupted (exported); interrupted after step 3 and resumed;
-    and a resume of a one-process checkpoint. Plus one process x batch 4 (in this process)."""
+    """One process x batch 2 (in this process), then FSDP runs of 2 processes x batch 1: uninterrupted
+    (exported); resumed from its step-2 checkpoint alone; and resuming the one-process run's checkpoint."""
     tmp = tmp_path_factory.mktemp("fsdp")
-    one = Trainer(TrainConfig(**settings(tmp, "one", batch_size=4, sharding="ddp")))
+    one = Trainer(TrainConfig(**settings(tmp, "one", batch_size=2, sharding="ddp")))
     one.run()
-    # a one-process checkpoint for FSDP to resume from (same per-process batch as the FSDP runs)
-    Trainer(TrainConfig(**settings(tmp, "single", steps=2, sharding="ddp"))).run()
-    shutil.copytree(tmp / "single", tmp / "from_single")
+    shutil.copytree(tmp / "one", tmp / "from_one", ignore=shutil.ignore_patterns("step-00000003.pt"))
     launch(tmp, [
         {"config": settings(tmp, "fsdp", export_layouts=["diffusers"])},
-        {"config": settings(tmp, "interrupted"), "crash_at": 3},
+        {"copy": [str(tmp / "fsdp" / "checkpoints" / "step-00000002.pt"), str(tmp / "interrupted")]},
         {"config": settings(tmp, "interrupted")},
-        {"config": settings(tmp, "from_single", steps=3), "check_resume": True},
+        {"config": settings(tmp, "from_one", batch_size=2), "check_resume": True},
     ])
     return tmp, one
 
@@ -141,6 +138,7 @@ def test_two_fsdp_processes_match_one(runs):
 
 
 def test_interrupted_fsdp_run_resumes_bit_for_bit(runs):
+    """A run stopped after step 2's checkpoint (a fresh Trainer in a folder holding only that) and resumed."""
     tmp, _ = runs
     a, b = checkpoint(tmp / "fsdp", 3), checkpoint(tmp / "interrupted", 3)
     for part in ("trained", "ema", "optimizer", "scheduler", "data", "rng"):
@@ -150,9 +148,12 @@ def test_interrupted_fsdp_run_resumes_bit_for_bit(runs):
 def test_checkpoints_cross_between_one_process_and_fsdp(runs):
     tmp, _ = runs
     # FSDP resumed a one-process checkpoint: every rank took its shard of the whole weights
-    loaded = torch.load(tmp / "from_single" / "loaded.pt")
+    loaded = torch.load(tmp / "from_one" / "loaded.pt")
     assert loaded["step"] == 2
-    assert_close(loaded["trained"], checkpoint(tmp / "single", 2)["trained"], "trained", exact=True)
+    assert_close(loaded["trained"], checkpoint(tmp / "one", 2)["trained"], "trained", exact=True)
+    # sdlab's bucketed gather gives what torch's get_model_state_dict(full_state_dict, cpu_offload) gives
+    assert_close(loaded["trained"], loaded["torch"], "gather", exact=True)
+    assert [list(s) for s in loaded["trained"].values()] == [list(s) for s in loaded["torch"].values()]
     # one process resumes an FSDP checkpoint (weights, EMA, optimizer by index)
     shutil.copytree(tmp / "fsdp", tmp / "back", ignore=shutil.ignore_patterns("model"))
     (tmp / "back" / "checkpoints" / "step-00000003.pt").unlink()
