@@ -278,3 +278,17 @@ def test_diffusers_load_lora_weights_merges_the_same_weights(trained_lora, base)
             assert changed == {k for k in theirs if not torch.equal(theirs[k], before[name][k])}, name
             for key in changed:
                 torch.testing.assert_close(mine[key], theirs[key], rtol=1e-5, atol=1e-6, msg=f"{name}.{key}")
+
+
+def test_refiner_trains_on_its_five_numbers(images, tmp_path):
+    """The refiner (no first text encoder): original size, crop and the aesthetic score (6 in training)."""
+    config = TrainConfig(**settings(None, images, tmp_path / "refiner", init_from=None, model="tiny-sdxl-refiner",
+                                    steps=1, grad_accum=1, save_every=0, export_layouts=["diffusers"]))
+    trainer = Trainer(config)
+    batch, noise = trainer._next_micro_batch()
+    _, inputs, _, _ = trainer.task.inputs(batch, noise, 0)
+    assert set(inputs) == {"text_encoder_2", "time_ids"}
+    assert inputs["time_ids"].tolist() == [[*c["original_size"], *c["crop_top_left"], 6.0] for c in batch["conditions"]]
+    trainer.run()
+    assert final_state(tmp_path / "refiner")["model_config"]["text_encoder"] is None
+    assert sdlab.load(tmp_path / "refiner" / "model").config.family == "sdxl-refiner"

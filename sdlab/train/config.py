@@ -214,7 +214,7 @@ def model_config_from_dict(values: dict[str, Any], *, where: str = "ModelConfig"
     """Nested plain values (as `model_config_to_dict` gives) -> ModelConfig; missing fields take defaults."""
     top = dict(values)
     for name, cls in _NESTED.items():
-        if name in top:
+        if top.get(name) is not None:  # the SDXL refiner has no first text encoder (null)
             top[name] = _dataclass_from_dict(cls, top[name], f"{where}: {name}")
     if "extra_networks" in top:
         top["extra_networks"] = _extra_networks(top["extra_networks"], top.get("family", ModelConfig.family), where)
@@ -239,7 +239,8 @@ def model_config_to_dict(config: ModelConfig) -> dict[str, Any]:
     """Nested plain values; the extra networks (if any) as an object by component name."""
     values = dataclasses.asdict(config)
     values["unet"] = unet_config_to_dict(values["unet"])  # SD 1.x/2.x: as before the SDXL fields existed
-    values["text_encoder"] = text_encoder_config_to_dict(values["text_encoder"])
+    if values["text_encoder"] is not None:  # None: the SDXL refiner (bigG only, as text_encoder_2)
+        values["text_encoder"] = text_encoder_config_to_dict(values["text_encoder"])
     extra = values.pop("extra_networks")
     return {**values, **({"extra_networks": dict(extra)} if extra else {})}
 
