@@ -111,7 +111,8 @@ def runs(tmp_path_factory):
     one.run()
     shutil.copytree(tmp / "one", tmp / "from_one", ignore=shutil.ignore_patterns("step-00000003.pt"))
     launch(tmp, [
-        {"config": settings(tmp, "fsdp", export_layouts=["diffusers"])},
+        {"config": settings(tmp, "fsdp", export_layouts=["diffusers"], sample_every=3, sample_steps=2,
+                            sample_prompts=["a red circle"])},  # every rank samples: the UNet is sharded
         {"copy": [str(tmp / "fsdp" / "checkpoints" / "step-00000002.pt"), str(tmp / "interrupted")]},
         {"config": settings(tmp, "interrupted")},
         {"config": settings(tmp, "from_one", batch_size=2), "check_resume": True},
@@ -168,6 +169,7 @@ def test_checkpoints_cross_between_one_process_and_fsdp(runs):
 
 def test_export_holds_the_gathered_ema_weights(runs):
     tmp, _ = runs
+    assert (tmp / "fsdp" / "samples" / "step-00000003.png").is_file()
     exported = sdlab.load(tmp / "fsdp" / "model")
     ema = checkpoint(tmp / "fsdp", 3)["ema"]["shadow"]
     for name in NETWORKS:
