@@ -169,7 +169,7 @@ def test_checkpoints_cross_between_one_process_and_fsdp(runs):
 
 def test_export_holds_the_gathered_ema_weights(runs):
     tmp, _ = runs
-    assert (tmp / "fsdp" / "samples" / "step-00000003.png").is_file()
+    assert (tmp / "fsdp" / "samples" / "step-00000003.png").is_file() and (tmp / "fsdp" / "loss.png").is_file()
     exported = sdlab.load(tmp / "fsdp" / "model")
     ema = checkpoint(tmp / "fsdp", 3)["ema"]["shadow"]
     for name in NETWORKS:

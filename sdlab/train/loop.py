@@ -410,12 +410,15 @@ class Trainer:
         elif self.dist.is_main:
             with self._ema_weights(), _eval_mode(self.model):  # export the averaged weights, if any
                 exported = self.task.export(self.out, self.config.export_layouts)
+        if self.dist.is_main:
             plot_loss_curve(self.loss_log.read(), self.out / "loss.png")
         distributed.barrier(self.dist)
         return TrainResult(self.step, self.out, exported, dict(self.last_metrics))
 
     def _export_sharded(self) -> list[Path]:
         """FSDP: gather the (averaged) weights onto rank 0 and export a model of plain networks holding them."""
+        if not self.config.export_layouts:
+            return []
         with self._ema_weights():
             states = {name: sharding.gather_model(module) for name, module in self.task.trained.items()}
         if not self.dist.is_main:
