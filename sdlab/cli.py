@@ -328,22 +328,17 @@ def _open_image(path: Path, flag: str):
 def _load_model(args, png_fields: dict):
     """The model named by --model (or by the PNG's "Model" field when it is reproducible by name) and its
     ModelInfo for the metadata."""
-    from .fingerprint import model_display_name, model_sha256, short_hash
-    from .model import Model
-    from .pngmeta import ModelInfo
-
     name = args.model
     png_name = png_fields.get("Model")
     if name is None and png_name is not None:
         if png_name != "builtin" and not png_name.startswith("random:"):
             raise ParameterError("the PNG was made with a model that is not built in: pass its file with --model")
         name = png_name
-    model = Model.from_name(name, device=args.device, dtype=DTYPES[args.dtype]).to(args.device)
+    model, info = _named_model(name, args)
     if getattr(args, "tiny_vae", None) is not None:
         from .nn.tiny_vae import load_tiny_decoder
 
         model.tiny_decoder = load_tiny_decoder(args.tiny_vae, dtype=DTYPES[args.dtype]).to(args.device)
-    info = ModelInfo(model_display_name(name), short_hash(model_sha256(model)))
     wanted = png_fields.get("Model hash")
     if wanted and wanted != info.hash:
         log.warning("the PNG was made with a model of hash %s; %s has hash %s: the image will differ",
@@ -353,17 +348,22 @@ def _load_model(args, png_fields: dict):
 
 def _load_refiner(args, png_fields: dict):
     """(the --refiner model, its ModelInfo), or None."""
-    from .fingerprint import model_display_name, model_sha256, short_hash
-    from .model import Model
-    from .pngmeta import ModelInfo
-
     if getattr(args, "refiner", None) is None:
         if "Refiner" in png_fields:
             log.warning("the PNG was finished by the refiner %s: pass it with --refiner to re-create the image",
                         png_fields["Refiner"])
         return None
-    model = Model.from_name(args.refiner, device=args.device, dtype=DTYPES[args.dtype]).to(args.device)
-    return model, ModelInfo(model_display_name(args.refiner), short_hash(model_sha256(model)))
+    return _named_model(args.refiner, args)
+
+
+def _named_model(name, args):
+    """(the model `name` means for --model / --refiner on --device in --dtype, its ModelInfo)."""
+    from .fingerprint import model_display_name, model_sha256, short_hash
+    from .model import Model
+    from .pngmeta import ModelInfo
+
+    model = Model.from_name(name, device=args.device, dtype=DTYPES[args.dtype]).to(args.device)
+    return model, ModelInfo(model_display_name(name), short_hash(model_sha256(model)))
 
 
 def _generate_and_save(model, info, params: GenerationParams, args, refiner=None) -> list[Path]:

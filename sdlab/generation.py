@@ -192,7 +192,7 @@ def _sample_batch(model, prompts, negatives, params, generator, callback, interr
     cond, uncond = _conditionings(model, prompts, negatives, params, zero_empty_negatives)
     if window.start is not None and init_latents is not None:  # continue a run that stopped at sigmas[start]
         x = vp_to_ve(_batch_of(init_latents, len(cond)).to(model.device, model.dtype), sigmas[start])
-        denoiser = GuidedDenoiser(denoiser, cond, uncond, params.cfg_scale, rescale=params.guidance_rescale)
+        denoiser = _guided(denoiser, cond, uncond, params)
     else:
         x, denoiser = _start(model, params, image_mode, denoiser, cond, uncond, spec, sigmas, start, generator,
                              init_latents)
@@ -217,9 +217,10 @@ def _sample_batch(model, prompts, negatives, params, generator, callback, interr
     return GenerationResult(images, params, latents, interrupted)
 
 
-def check_refiner(config, refiner_config, params: GenerationParams) -> None:
+def check_refiner(config, refiner_config, params: GenerationParams) -> GenerationParams:
     """Raise ParameterError unless a model of `refiner_config` can finish runs of `config` with `params`
-    (checked before any model work: the server calls it when it admits a request)."""
+    (checked before any model work: the server calls it when it admits a request); return `params`
+    resolved for the refiner."""
     if params.mode == "inpaint":
         raise ParameterError("a refiner is not supported for inpainting yet; refine the inpainted image with "
                              "img2img instead")
@@ -228,20 +229,24 @@ def check_refiner(config, refiner_config, params: GenerationParams) -> None:
         raise ParameterError(
             f"the refiner {refiner_config.name!r} works on other latents ({theirs}) than the model "
             f"{config.name!r} ({mine}); pick a refiner of the same family")
-    params.resolved(refiner_config)  # its own limits (clip skip) hold too
+    return params.resolved(refiner_config)  # its own limits (clip skip) hold too
 
 
 def _with_refiner(model, refiner, denoiser, prompts, negatives, params, spec, schedule) -> SwitchingDenoiser:
     """The base's denoiser, then the refiner's (its own conditioner and time ids) from the switch on."""
-    check_refiner(model.config, refiner.config, params)
-    refiner_params = params.resolved(refiner.config)
+    refiner_params = check_refiner(model.config, refiner.config, params)
     r_schedule = NoiseSchedule.from_config(refiner.config.schedule)
     r_denoiser = ModelDenoiser(refiner.unet, r_schedule, refiner.config.prediction,
                                quantize=spec.quantize(params.schedule))
     cond, uncond = _conditionings(refiner, prompts, negatives, refiner_params, None)
-    guided = GuidedDenoiser(r_denoiser, cond, uncond, params.cfg_scale, rescale=params.guidance_rescale)
+    guided = _guided(r_denoiser, cond, uncond, params)
     switch_at = params.refiner_switch_at if params.refiner_switch_at is not None else DEFAULT_REFINER_SWITCH
     return SwitchingDenoiser(denoiser, guided, schedule, switch_at)
+
+
+def _guided(denoiser: ModelDenoiser, cond, uncond, params: GenerationParams) -> GuidedDenoiser:
+    """`denoiser` with the conditioning bound and the request's classifier-free guidance."""
+    return GuidedDenoiser(denoiser, cond, uncond, params.cfg_scale, rescale=params.guidance_rescale)
 
 
 def _batch_of(latents: torch.Tensor, n: int) -> torch.Tensor:
@@ -283,12 +288,12 @@ def _start(model, params, mode, denoiser, cond, uncond, spec, sigmas, start, gen
     shape = (len(cond), latent_format(model.config).channels, params.height // f, params.width // f)
     if mode == "txt2img":
         x = rng.randn(shape, generator, device=model.device, dtype=model.dtype) * _initial_scale(model, spec, sigmas)
-        return x, GuidedDenoiser(denoiser, cond, uncond, params.cfg_scale, rescale=params.guidance_rescale)
+        return x, _guided(denoiser, cond, uncond, params)
     if init_latents is not None:  # an image given as its latents (diffusers' img2img takes them as `image`)
         image_latents = _batch_of(init_latents, shape[0]).to(model.device, model.dtype)
         noise = rng.randn(image_latents.shape, generator, device=model.device, dtype=model.dtype)
         x = image_latents + noise * sigmas[start]
-        return x, GuidedDenoiser(denoiser, cond, uncond, params.cfg_scale, rescale=params.guidance_rescale)
+        return x, _guided(denoiser, cond, uncond, params)
     return _start_from_image(model, params, denoiser, cond, uncond, spec, sigmas, start, generator, shape)
 
 
@@ -315,7 +320,7 @@ def _start_from_image(model, params, denoiser, cond, uncond, spec, sigmas, start
     if concat is not None:  # the same extra channels for the conditional and the unconditional pass
         cond = cond.replace(concat=concat)
         uncond = None if uncond is None else uncond.replace(concat=concat)
-    guided = GuidedDenoiser(denoiser, cond, uncond, params.cfg_scale, rescale=params.guidance_rescale)
+    guided = _guided(denoiser, cond, uncond, params)
     if blend:
         return x, MaskedDenoiser(guided, image_latents, latent_mask, noise)
     return x, guided

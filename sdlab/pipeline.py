@@ -72,10 +72,8 @@ class StableDiffusionPipeline:
         `text_encoder_2=base.text_encoder_2, vae=base.vae`, as diffusers' refiner example shares them) replace
         the loaded ones; they must be sdlab networks of the same config. (sdlab reads `.safetensors` before
         `.bin` and `.bin` files only with its safe reader, whatever `use_safetensors` says.)"""
-        path = resolve_model_path(path_or_id)
-        model = Model.load(path, variant=variant, dtype=torch_dtype or torch.float32)
-        _share_components(model, components)
-        return cls(model, sampler=_folder_sampler(path, model))
+        model, sampler = _load(path_or_id, torch_dtype, variant, components)
+        return cls(model, sampler=sampler)
 
     from_single_file = from_pretrained
 
@@ -249,19 +247,25 @@ class DiffusionPipeline:
     """`DiffusionPipeline.from_pretrained(path)`: the pipeline class the model's family uses in diffusers."""
 
     @staticmethod
-    def from_pretrained(path_or_id: str | os.PathLike, **options) -> StableDiffusionPipeline:
-        path = resolve_model_path(path_or_id)
-        model = Model.load(path, variant=options.pop("variant", None),
-                           dtype=options.pop("torch_dtype", None) or torch.float32)
-        options.pop("use_safetensors", None)
-        _share_components(model, options)
+    def from_pretrained(path_or_id: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
+                        variant: str | None = None, use_safetensors: bool | None = None,
+                        **components) -> StableDiffusionPipeline:
+        model, sampler = _load(path_or_id, torch_dtype, variant, components)
         cls = PIPELINE_CLASSES[families.family_of(model.config).pipeline_class(model.config)]
-        return cls(model, sampler=_folder_sampler(path, model))
+        return cls(model, sampler=sampler)
 
 
 PIPELINE_CLASSES = {cls.__name__: cls for cls in (
     StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
     StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline)}
+
+
+def _load(path_or_id, torch_dtype, variant, components: dict) -> tuple[Model, str]:
+    """(the model, the sampler of its folder's scheduler) behind every `from_pretrained`."""
+    path = resolve_model_path(path_or_id)
+    model = Model.load(path, variant=variant, dtype=torch_dtype or torch.float32)
+    _share_components(model, components)
+    return model, _folder_sampler(path, model)
 
 
 def _share_components(model: Model, components: dict) -> None:

@@ -305,6 +305,7 @@ _NUMBERS = {  # A1111 field -> (GenerationParams field, type)
     "Clip skip": ("clip_skip", int), "Denoising strength": ("strength", float), "Eta": ("eta", float),
     "Guidance rescale": ("guidance_rescale", float), "DeepCache": ("deepcache", int),
     "Token merging ratio": ("token_merging", float), "Refiner switch at": ("refiner_switch_at", float),
+    **{key: (name, float) for name, key in SCORE_CONDITIONS.items()},
 }  # fmt: skip
 
 
@@ -333,12 +334,6 @@ def _read_numbers(fields: dict[str, str], changes: dict[str, object]) -> None:
                 changes[name] = parse_crop(fields[key])
             except ParameterError:
                 raise ValueError(f"{key} (not TOP,LEFT)") from None
-    for name, key in SCORE_CONDITIONS.items():
-        if key in fields:
-            try:
-                changes[name] = float(fields[key])
-            except ValueError:
-                raise ValueError(f"{key} (not a number)") from None
 
 
 def parse_size(text: str) -> tuple[int, int]:

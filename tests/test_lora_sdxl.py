@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_lora_formats import TEXT_ENDINGS, UNET_CONV, UNET_ENDINGS
 
 import sdlab
 from sdlab import families
@@ -27,10 +28,6 @@ from sdlab.lora import METADATA_KEY, apply_lora
 
 RANK = 4
 WEIGHT_FILE = "pytorch_lora_weights.safetensors"
-UNET_ENDINGS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
-                "attn2.to_v", "attn2.to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
-UNET_CONV = "down_blocks.0.resnets.0.conv1"  # a 3x3 conv (LoCon-style; PEFT adapts convs too)
-TEXT_ENDINGS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 
 

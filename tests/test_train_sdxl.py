@@ -14,13 +14,13 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from test_train_resume import assert_identical, final_state
 
 import sdlab
 from sdlab.families.sdxl import TINY_SDXL
 from sdlab.lora import apply_lora
 from sdlab.train import TrainConfig, Trainer
 from sdlab.train.data import ImageFolderDataset, collate, make_buckets
-from sdlab.train.state import CheckpointManager
 
 SCRIPT = textwrap.dedent("""
     import json, os, signal, sys
@@ -83,25 +83,6 @@ def launch(values, kill_at=-1, processes=1):
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
                    script, json.dumps(values), str(kill_at)]
     return subprocess.run(command, env=env, check=False, capture_output=True, text=True, timeout=240)
-
-
-def final_state(folder):
-    return CheckpointManager.load(CheckpointManager(folder / "checkpoints", 1).latest())
-
-
-def assert_identical(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_identical(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for x, y in zip(a, b):
-            assert_identical(x, y, where)
-    else:
-        assert a == b, where
 
 
 # --- the conditions come from the data ------------------------------------------------------------------

@@ -76,13 +76,18 @@ def latent_format(config: ModelConfig) -> LatentFormat:
 
 def detect_single_file(keys: Collection[str], where: str = "the checkpoint") -> Family:
     """The one family whose original-layout keys these are."""
-    matches = [f for f in _REGISTERED if f.matches_keys(keys)]
+    matches = _matching(keys)
     if not matches:
         what = _what_else(keys)
         if what:
             raise CheckpointError(f"{where}: not a model sdlab can load: this looks like {what}. "
                                   f"sdlab loads {SUPPORTED}")
     return _exactly_one(matches, where, f"({len(keys)} keys)")
+
+
+def _matching(keys: Collection[str]) -> list[Family]:
+    """The families whose original-layout keys these are."""
+    return [f for f in _REGISTERED if f.matches_keys(keys)]
 
 
 def _what_else(keys: Collection[str]) -> str | None:
@@ -106,7 +111,7 @@ def check_claimed_family(claimed: ModelConfig, keys: Collection[str] | None, whe
     these are (single files; a file no family or several families claim is left to the caller's word) or
     the folder's `detected` family. Reading an SDXL refiner as a base, say, is an error naming both."""
     if detected is None:
-        matches = [f for f in _REGISTERED if f.matches_keys(keys)]
+        matches = _matching(keys)
         detected = matches[0] if len(matches) == 1 else None
     if detected is not None and detected.name != claimed.family:
         raise CheckpointError(
