@@ -74,3 +74,22 @@ def test_refiner_checkpoint_matches_the_python_api(client, models_dir):
 def test_bad_refiner_choices_are_refused_before_any_work(client, change, status, words):
     r = client.post("/sdapi/v1/txt2img", json={**BODY, **change})
     assert r.status_code == status and words in r.text, r.text
+
+
+def test_a_costlier_refiner_prices_the_request(models_dir):
+    """Any share of the steps may run on the refiner, so a request is bounded as if all ran on the costlier
+    model: with the tiny refiner as the main model and the (costlier) tiny base as its "refiner", a budget
+    between the two prices admits the plain request and refuses the refined one."""
+    from sdlab.server.limits import JobLimits
+
+    rate = 1e9  # FLOP/s fixed by the settings: no calibration
+    pricing = JobLimits(ServerSettings(flops_per_second=rate))
+    params = GenerationParams(prompt="a red circle", seed=5, steps=4, width=64, height=64, cfg_scale=3)
+    cheap, costly = (pricing.estimate(c, params.resolved(c)) / rate for c in (TINY_SDXL_REFINER, TINY_SDXL))
+    assert cheap < costly
+    settings = ServerSettings(model=str(models_dir / "xl-refiner"), models_dir=models_dir, flops_per_second=rate,
+                              max_job_seconds=(cheap + costly) / 2)
+    with TestClient(create_app(settings), base_url=LOCAL) as c:
+        assert c.post("/sdapi/v1/txt2img", json=BODY).status_code == 200
+        r = c.post("/sdapi/v1/txt2img", json={**BODY, "refiner_checkpoint": "xl-base"})
+        assert r.status_code == 422 and "max_job_seconds" in r.text, r.text

@@ -53,11 +53,15 @@ class ServerState:
         model = self.registry.resolve(model or self.model_name).name
         config = self.registry.config(model)
         params = params.resolved(config)
+        flops = self.limits.check(config, params, n_iter=n_iter, save_steps=save_steps)
         if refiner is not None:
             refiner = self.registry.resolve(refiner).name
-            check_refiner(config, self.registry.config(refiner), params)
-        # (a refiner's steps are priced as the model's: the SDXL refiner's UNet costs less than the base's)
-        flops = self.limits.check(config, params, n_iter=n_iter, save_steps=save_steps)
+            refiner_config = self.registry.config(refiner)
+            refiner_params = check_refiner(config, refiner_config, params)
+            # Any share of the steps may run on the refiner (refiner_switch_at 0: all): the request is priced,
+            # and bounded, as if every step ran on the costlier of the two models.
+            flops = max(flops, self.limits.check(refiner_config, refiner_params, n_iter=n_iter,
+                                                 save_steps=save_steps))
         return GenerationRequest(params, model, n_iter, save_steps, flops, refiner=refiner)
 
     def submit(self, request: GenerationRequest, job_id: str | None = None) -> Job:
