@@ -43,6 +43,9 @@ DEFAULTS = GenerationParams()
 # have their own arguments: a positional prompt, --size WxH, --init and --mask.
 PARAM_FLAGS = {
     "negative_prompt": ("--negative", "what the image should not show"),
+    "prompt_2": ("--prompt-2", "SDXL: the second text encoder's (OpenCLIP bigG's) prompt (default: the prompt)"),
+    "negative_prompt_2": ("--negative-prompt-2", "SDXL: the second text encoder's negative prompt (default: "
+                                                 "--negative)"),
     "steps": ("--steps", "sampler steps"),
     "sampler": ("--sampler", "sampler name or key (list: `sdlab samplers`)"),
     "schedule": ("--schedule", f"sigma schedule: {', '.join(SCHEDULES)} (default: karras; automatic for "

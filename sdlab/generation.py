@@ -92,6 +92,10 @@ def generate(model, params: GenerationParams, *, generator: rng.Generator = None
     CLI's and the server's `--lora-dir` do)."""
     params = params.resolved(model.config)
     prompt, tags = extract_lora_tags(params.prompt)
+    prompt_2 = None
+    if params.prompt_2 is not None:  # its tags merge LoRAs too (into the whole model); one named in both, once
+        prompt_2, tags_2 = extract_lora_tags(params.prompt_2)
+        tags += [tag for tag in tags_2 if tag[0] not in {name for name, _ in tags}]
     loras = [*params.loras, *((_named_lora(name, named_loras), weight) for name, weight in tags)]
     n = params.batch_size
     if generator is None:
@@ -100,7 +104,12 @@ def generate(model, params: GenerationParams, *, generator: rng.Generator = None
         for source, weight in loras:
             merged.enter_context(apply_lora(model, source, weight))
         return sample_batch(model, [prompt] * n, [params.negative_prompt] * n, params, generator,
-                            callback=callback, interrupt=interrupt, abort=abort, refiner=refiner)
+                            callback=callback, interrupt=interrupt, abort=abort, refiner=refiner,
+                            prompts_2=_each(prompt_2, n), negatives_2=_each(params.negative_prompt_2, n))
+
+
+def _each(text: str | None, n: int) -> list[str] | None:
+    return None if text is None else [text] * n
 
 
 def _named_lora(name: str, named_loras: Mapping[str, LoRASource] | None) -> LoRASource:
@@ -121,9 +130,11 @@ def _named_lora(name: str, named_loras: Mapping[str, LoRASource] | None) -> LoRA
 def sample_batch(model, prompts: list[str], negatives: list[str], params: GenerationParams,
                  generator: rng.Generator, *, callback=None, interrupt=None, abort=None, refiner=None,
                  denoising_start: float | None = None, denoising_end: float | None = None,
-                 init_latents: torch.Tensor | None = None,
-                 zero_empty_negatives: bool | None = None) -> GenerationResult:
+                 init_latents: torch.Tensor | None = None, zero_empty_negatives: bool | None = None,
+                 prompts_2: list[str] | None = None, negatives_2: list[str] | None = None) -> GenerationResult:
     """The loop behind `generate`, for one batch of (prompt, negative prompt) pairs; `params` resolved.
+    `prompts_2` / `negatives_2` are the second text encoder's texts, one per image (SDXL's bigG; None: the
+    same as `prompts` / `negatives`); they take the place of `params.prompt_2` / `negative_prompt_2`.
 
     diffusers' "ensemble of experts" (the drop-in SDXL pipelines use these): `denoising_end` (a fraction of
     the training timesteps) stops the run after the steps whose timestep is at least
@@ -137,8 +148,20 @@ def sample_batch(model, prompts: list[str], negatives: list[str], params: Genera
     if refiner is not None:
         networks += refiner.components.values()
     with abort_between_blocks(networks, abort):
-        return _sample_batch(model, prompts, negatives, params, generator, callback, interrupt, refiner,
+        texts = _Texts(list(prompts), list(negatives), prompts_2, negatives_2)
+        return _sample_batch(model, texts, params, generator, callback, interrupt, refiner,
                              _Window(denoising_start, denoising_end), init_latents, zero_empty_negatives)
+
+
+@dataclass(frozen=True)
+class _Texts:
+    """A batch's texts, one per image: prompts and negative prompts, and the second text encoder's (None:
+    the same as the first)."""
+
+    prompts: list[str]
+    negatives: list[str]
+    prompts_2: list[str] | None = None
+    negatives_2: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -181,15 +204,15 @@ def _schedule(model, params: GenerationParams, spec: SamplerSpec) -> tuple[Noise
     return schedule, sigmas
 
 
-def _sample_batch(model, prompts, negatives, params, generator, callback, interrupt, refiner, window,
-                  init_latents, zero_empty_negatives) -> GenerationResult:
+def _sample_batch(model, texts, params, generator, callback, interrupt, refiner, window, init_latents,
+                  zero_empty_negatives) -> GenerationResult:
     spec = _sampler(params)
     schedule, sigmas = _schedule(model, params, spec)
     image_mode = params.mode if init_latents is None else "img2img"
     start, end = window.steps(schedule, sigmas, _first_step(params, image_mode))
     unet = model.unet if params.deepcache == 1 else DeepCacheUNet(model.unet, params.deepcache)
     denoiser = ModelDenoiser(unet, schedule, model.config.prediction, quantize=spec.quantize(params.schedule))
-    cond, uncond = _conditionings(model, prompts, negatives, params, zero_empty_negatives)
+    cond, uncond = _conditionings(model, texts, params, zero_empty_negatives)
     if window.start is not None and init_latents is not None:  # continue a run that stopped at sigmas[start]
         x = vp_to_ve(_batch_of(init_latents, len(cond)).to(model.device, model.dtype), sigmas[start])
         denoiser = _guided(denoiser, cond, uncond, params)
@@ -197,7 +220,7 @@ def _sample_batch(model, prompts, negatives, params, generator, callback, interr
         x, denoiser = _start(model, params, image_mode, denoiser, cond, uncond, spec, sigmas, start, generator,
                              init_latents)
     if refiner is not None:
-        denoiser = _with_refiner(model, refiner, denoiser, prompts, negatives, params, spec, schedule)
+        denoiser = _with_refiner(model, refiner, denoiser, texts, params, spec, schedule)
     sigmas = sigmas[start:end + 1]
     watcher = _StepWatcher(params, len(sigmas) - 1, callback)
     interrupted = False
@@ -232,13 +255,14 @@ def check_refiner(config, refiner_config, params: GenerationParams) -> Generatio
     return params.resolved(refiner_config)  # its own limits (clip skip) hold too
 
 
-def _with_refiner(model, refiner, denoiser, prompts, negatives, params, spec, schedule) -> SwitchingDenoiser:
-    """The base's denoiser, then the refiner's (its own conditioner and time ids) from the switch on."""
+def _with_refiner(model, refiner, denoiser, texts, params, spec, schedule) -> SwitchingDenoiser:
+    """The base's denoiser, then the refiner's (its own conditioner and time ids) from the switch on. (The
+    SDXL refiner's one encoder is bigG: it encodes the second prompts, as the base's bigG does.)"""
     refiner_params = check_refiner(model.config, refiner.config, params)
     r_schedule = NoiseSchedule.from_config(refiner.config.schedule)
     r_denoiser = ModelDenoiser(refiner.unet, r_schedule, refiner.config.prediction,
                                quantize=spec.quantize(params.schedule))
-    cond, uncond = _conditionings(refiner, prompts, negatives, refiner_params, None)
+    cond, uncond = _conditionings(refiner, texts, refiner_params, None)
     guided = _guided(r_denoiser, cond, uncond, params)
     switch_at = params.refiner_switch_at if params.refiner_switch_at is not None else DEFAULT_REFINER_SWITCH
     return SwitchingDenoiser(denoiser, guided, schedule, switch_at)
@@ -272,12 +296,13 @@ def _first_step(params: GenerationParams, mode: str) -> int:
     return params.steps - min(int(params.steps * params.strength), params.steps)
 
 
-def _conditionings(model, prompts, negatives, params, zero_empty_negatives=None):
+def _conditionings(model, texts: _Texts, params, zero_empty_negatives=None):
     """(cond, uncond) Conditionings from the family's conditioner (one call for both); uncond is None when
     guidance is off (scale 1)."""
     guided = params.cfg_scale != 1.0
-    cond, uncond = family_of(model.config).condition(model, prompts, negatives if guided else None, params,
-                                                     zero_empty_negatives=zero_empty_negatives)
+    cond, uncond = family_of(model.config).condition(
+        model, texts.prompts, texts.negatives if guided else None, params, prompts_2=texts.prompts_2,
+        negatives_2=texts.negatives_2 if guided else None, zero_empty_negatives=zero_empty_negatives)
     _check_finite(cond.context, "the text encoder's output")
     return cond, uncond
 

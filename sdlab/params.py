@@ -39,6 +39,11 @@ class GenerationParams:
 
     prompt: str = ""
     negative_prompt: str = ""
+    # The second text encoder's prompts (SDXL's OpenCLIP bigG; diffusers' prompt_2 / negative_prompt_2): the
+    # first encoder (CLIP ViT-L) encodes prompt, the second prompt_2. None: the same text as the first.
+    # Families with one text encoder accept only None or the first prompt's text.
+    prompt_2: str | None = None
+    negative_prompt_2: str | None = None
     width: int | None = None
     height: int | None = None
     steps: int = 20
@@ -111,6 +116,12 @@ class GenerationParams:
                 _check_int(name, value, 8, MAX_SIDE)
                 if value % 8:
                     raise ParameterError(f"{name}={value} is not a multiple of 8; try {value // 8 * 8 or 8}")
+        for name in ("prompt_2", "negative_prompt_2"):
+            if not isinstance(getattr(self, name), (str, type(None))):
+                raise ParameterError(f"{name} must be a string or None (the first prompt's text), got "
+                                     f"{type(getattr(self, name)).__name__}")
+            family_of(config).check_second_prompts(config, name, [getattr(self, name.removesuffix("_2"))],
+                                                   [getattr(self, name)])
         _check_int("steps", self.steps, 1, MAX_STEPS)
         _check_int("batch_size", self.batch_size, 1, MAX_BATCH)
         _check_int("clip_skip", self.clip_skip, 1, family_of(config).clip_skip_limit(config))

@@ -47,6 +47,7 @@ SCHEDULER_SAMPLERS = {
 }  # fmt: skip
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 AESTHETICS_FLAG = "requires_aesthetics_score"  # the SDXL refiner's pipeline config (model_index.json)
+ZEROS_FLAG = "force_zeros_for_empty_prompt"  # the SDXL base's: a negative prompt left out conditions on zeros
 
 
 @dataclass
@@ -106,13 +107,18 @@ class StableDiffusionPipeline:
     def _run(self, prompt, negative_prompt, *, image, mask_image, strength, num_inference_steps, guidance_scale,
              height, width, num_images_per_prompt, generator, eta, guidance_rescale, clip_skip, output_type,
              callback_on_step_end, denoising_start=None, denoising_end=None, zero_empty_negatives=None,
-             **conditions) -> PipelineOutput:
+             prompt_2=None, negative_prompt_2=None, **conditions) -> PipelineOutput:
         """The one call behind every pipeline class. `image` may be a PIL image or latents (B, 4, h, w), as
-        diffusers' img2img pipelines take the output of a pipeline run with output_type="latent"."""
+        diffusers' img2img pipelines take the output of a pipeline run with output_type="latent".
+        `prompt_2` / `negative_prompt_2` (a string for every prompt, or one per prompt; None: the first
+        prompts) are the second text encoder's."""
         if output_type not in OUTPUT_TYPES:
             raise ParameterError(f"output_type={output_type!r}; use one of {OUTPUT_TYPES}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = _broadcast(negative_prompt, len(prompts))
+        negatives = _broadcast(negative_prompt, len(prompts), "negative_prompt")
+        prompts_2 = None if prompt_2 is None else _broadcast(prompt_2, len(prompts), "prompt_2")
+        negatives_2 = None if negative_prompt_2 is None else _broadcast(negative_prompt_2, len(prompts),
+                                                                        "negative_prompt_2")
         latents_in = image if isinstance(image, torch.Tensor) else None
         if denoising_start is not None and latents_in is None:
             raise ParameterError("denoising_start continues a run from its latents: pass image=<the latents a "
@@ -121,7 +127,8 @@ class StableDiffusionPipeline:
         if latents_in is not None:
             height, width = (side * self.model.config.vae.downscale for side in latents_in.shape[-2:])
         params = GenerationParams(
-            prompt=prompts[0], negative_prompt=negatives[0], width=width, height=height,
+            prompt=prompts[0], negative_prompt=negatives[0], prompt_2=_first(prompts_2),
+            negative_prompt_2=_first(negatives_2), width=width, height=height,
             steps=num_inference_steps, sampler=self.sampler, schedule=self.schedule,
             cfg_scale=self.default_guidance if guidance_scale is None else guidance_scale,
             guidance_rescale=guidance_rescale, clip_skip=(clip_skip or 0) + 1,
@@ -131,8 +138,9 @@ class StableDiffusionPipeline:
             batch_size=len(prompts) * num_images_per_prompt, **conditions,
         ).resolved(self.model.config)
         # diffusers' batch order: each prompt repeated num_images_per_prompt times.
-        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
+        prompts, negatives, prompts_2, negatives_2 = (
+            None if texts is None else [t for t in texts for _ in range(num_images_per_prompt)]
+            for texts in (prompts, negatives, prompts_2, negatives_2))
         if generator is None:
             generator = torch.Generator().manual_seed(torch.seed() % 2**32)
         carries_ve = get_sampler(self.sampler).style == "k"  # diffusers' k-diffusion ports hold x0 + sigma eps
@@ -141,7 +149,8 @@ class StableDiffusionPipeline:
         callback = _step_end_adapter(self, callback_on_step_end)
         result = sample_batch(self.model, prompts, negatives, params, generator, callback=callback,
                               denoising_start=denoising_start, denoising_end=denoising_end,
-                              init_latents=latents_in, zero_empty_negatives=zero_empty_negatives)
+                              init_latents=latents_in, zero_empty_negatives=zero_empty_negatives,
+                              prompts_2=prompts_2, negatives_2=negatives_2)
         if output_type == "latent":
             latents = result.latents
             return PipelineOutput(vp_to_ve(latents, result.sigma) if carries_ve else latents)
@@ -186,11 +195,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                  negative_target_size: tuple[int, int] | None = None, aesthetic_score: float = 6.0,
                  negative_aesthetic_score: float = 2.5, clip_skip: int | None = None,
                  callback_on_step_end=None, **_ignored) -> PipelineOutput:
-        for name, second, first in (("prompt_2", prompt_2, prompt), ("negative_prompt_2", negative_prompt_2,
-                                                                     negative_prompt)):
-            if second is not None and second != first:
-                raise ParameterError(f"{name} differs from {name[:-2]}: sdlab encodes one prompt with both "
-                                     f"text encoders; leave {name} unset")
+        prompt_2, negative_prompt_2 = self._second_prompts(prompt, prompt_2, negative_prompt, negative_prompt_2)
         conditions = self._size_conditions(original_size, crops_coords_top_left, target_size,
                                            negative_original_size, negative_crops_coords_top_left,
                                            negative_target_size)
@@ -203,8 +208,22 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                          denoising_end=denoising_end,
                          # diffusers zeroes only a negative prompt that was not given (force_zeros_for_empty_prompt)
                          zero_empty_negatives=None if negative_prompt is None else False,
-                         aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
+                         prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, aesthetic_score=aesthetic_score,
+                         negative_aesthetic_score=negative_aesthetic_score,
                          **conditions)
+
+    def _second_prompts(self, prompt, prompt_2, negative_prompt, negative_prompt_2):
+        """(prompt_2, negative_prompt_2) as diffusers' encode_prompt uses them: a second prompt left out or
+        empty is the first; a negative prompt left out is zeros when the pipeline's config forces zeros for
+        it (negative_prompt_2 then unused). diffusers zips [prompt, prompt_2] with the encoders it has, so a
+        pipeline without the first (the refiner) encodes prompt and ignores prompt_2: (None, None)."""
+        if "text_encoder" not in self.model.components:
+            return None, None
+        config = self.model.config
+        zeros = families.family_of(config).model_index_extras(config).get(ZEROS_FLAG, False)
+        if negative_prompt is None and zeros:
+            return prompt_2 or prompt, None
+        return prompt_2 or prompt, negative_prompt_2 or negative_prompt or ""
 
     def _size_conditions(self, original, crop, target, negative_original, negative_crop, negative_target):
         """GenerationParams' size conditions as diffusers' pipeline class fills them in."""
@@ -279,11 +298,15 @@ def _share_components(model: Model, components: dict) -> None:
         model.components[name] = network
 
 
-def _broadcast(value: str | list[str], n: int) -> list[str]:
+def _broadcast(value: str | list[str], n: int, name: str) -> list[str]:
     values = [value] * n if isinstance(value, str) else list(value)
     if len(values) != n:
-        raise ValueError(f"got {len(values)} negative prompts for {n} prompts")
+        raise ValueError(f"got {len(values)} texts for {name} for {n} prompts: give one string or one per prompt")
     return values
+
+
+def _first(texts: list[str] | None) -> str | None:
+    return None if texts is None else texts[0]
 
 
 def _step_end_adapter(pipe, callback_on_step_end):

@@ -13,7 +13,9 @@ written as a JSON string. Other tools (A1111, ComfyUI readers, civitai) read thi
 Image i of a batch is written with its own seed (`seed + i`) and batch size 1 in the parameters that
 matter for re-creation, so each image can be re-made alone. SDXL's micro-conditions, where a request sets
 them, have keys of sdlab's own (A1111 writes none): "Original size: 2048x2048", "Crop top-left: "0,64"",
-"Target size", their "Negative ..." forms, "Aesthetic score" (see `SIZE_CONDITIONS`).
+"Target size", their "Negative ..." forms, "Aesthetic score" (see `SIZE_CONDITIONS`); so do SDXL's second
+prompts, where set: "Prompt 2", "Negative prompt 2" (see `SECOND_PROMPTS`; values quoted as JSON strings
+when they hold a comma, colon, quote or newline, like every value).
 """
 
 from __future__ import annotations
@@ -123,6 +125,7 @@ def _fields(params: GenerationParams, model: ModelInfo | None, index: int) -> di
     if params.deepcache != 1:
         fields["DeepCache"] = params.deepcache
     fields |= _condition_fields(params)
+    fields |= {key: text for name, key in SECOND_PROMPTS.items() if (text := getattr(params, name)) is not None}
     fields["Version"] = VERSION
     return fields
 
@@ -135,6 +138,9 @@ SIZE_CONDITIONS = {"original_size": "Original size", "target_size": "Target size
                    "negative_original_size": "Negative original size", "negative_target_size": "Negative target size"}
 CROP_CONDITIONS = {"crops_coords_top_left": "Crop top-left", "negative_crops_coords_top_left": "Negative crop top-left"}
 SCORE_CONDITIONS = {"aesthetic_score": "Aesthetic score", "negative_aesthetic_score": "Negative aesthetic score"}
+# The second text encoder's prompts (GenerationParams field -> infotext key), written only when set (None:
+# the first prompts). A1111 has one prompt; these keys are sdlab's own.
+SECOND_PROMPTS = {"prompt_2": "Prompt 2", "negative_prompt_2": "Negative prompt 2"}
 
 
 def _condition_fields(params: GenerationParams) -> dict[str, object]:
@@ -268,6 +274,7 @@ def _unquote(value: str) -> str:
 def params_from_fields(prompt: str, negative: str, fields: dict[str, str]) -> GenerationParams:
     """Map A1111 field names onto GenerationParams; unknown fields are ignored."""
     changes: dict[str, object] = {"prompt": prompt, "negative_prompt": negative}
+    changes |= {name: fields[key] for name, key in SECOND_PROMPTS.items() if key in fields}
     try:
         _read_sampling(fields, changes)
         _read_numbers(fields, changes)

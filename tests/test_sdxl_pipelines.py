@@ -207,8 +207,6 @@ def test_loading_forms(base_folder, refiner_folder, tmp_path):
     single = sdlab.StableDiffusionXLPipeline.from_single_file(file)
     kwargs = {"num_inference_steps": 2, "guidance_scale": CFG}
     assert _max_diff(_run(single, PROMPT, **kwargs), _run(base, PROMPT, **kwargs)) == 0
-    with pytest.raises(sdlab.errors.ParameterError, match="prompt_2"):
-        base(PROMPT, prompt_2="something else", num_inference_steps=1)
     with pytest.raises(sdlab.errors.ParameterError, match="output_type='latent'"):
         refiner(PROMPT, image=_image(), denoising_start=0.8, num_inference_steps=2)
 

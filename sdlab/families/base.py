@@ -19,6 +19,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..diffusion.conditioning import Conditioning
+from ..errors import ParameterError
 
 Pair = tuple[str, str]  # (original prefix, diffusers prefix)
 StateDict = dict[str, torch.Tensor]
@@ -142,13 +143,36 @@ class Family:
         return LatentFormat(vae.latent_channels, vae.scaling_factor, vae.shift_factor)
 
     def condition(self, model, prompts: list[str], negatives: list[str] | None, params, *,
+                  prompts_2: list[str] | None = None, negatives_2: list[str] | None = None,
                   zero_empty_negatives: bool | None = None) -> tuple[Conditioning, Conditioning | None]:
         """The family's conditioner for generation: B prompts and their B negative prompts (None: no
         classifier-free guidance) -> (cond, uncond), the `Conditioning`s its denoising network takes, on the
-        model's device and dtype. `params` (resolved `GenerationParams`) gives clip skip and, for SDXL, the
-        size and crop conditions. `zero_empty_negatives` overrides whether an empty negative prompt is
-        encoded or conditions on zeros, in families that zero them (None: the family's own rule)."""
+        model's device and dtype. `prompts_2` / `negatives_2` are the B texts of the second text encoder
+        (`text_encoder_2`, diffusers' prompt_2; None: the same as the first); families with one encoder
+        refuse texts that differ (`check_second_prompts`). `params` (resolved `GenerationParams`) gives clip
+        skip and, for SDXL, the size and crop conditions. `zero_empty_negatives` overrides whether an empty
+        negative prompt is encoded or conditions on zeros, in families that zero them (None: the family's own
+        rule)."""
         raise NotImplementedError
+
+    @property
+    def takes_second_prompt(self) -> bool:
+        """Whether the family has a second text encoder (`text_encoder_2`), the one `prompt_2` feeds."""
+        return "text_encoder_2" in self.text_encoders
+
+    def check_second_prompts(self, config: ModelConfig, field: str, firsts: Sequence[str],
+                             seconds: Sequence[str | None] | None) -> None:
+        """ParameterError when `field` ("prompt_2" or "negative_prompt_2") gives a family with one text
+        encoder texts that differ from the first prompts (None and equal texts are the one prompt)."""
+        if self.takes_second_prompt or seconds is None:
+            return
+        first_field = field.removesuffix("_2")
+        for first, second in zip(firsts, seconds, strict=True):
+            if second is not None and second != first:
+                raise ParameterError(
+                    f"{field}={second!r}, but {config.name} ({self.label}) has one text encoder, which encodes "
+                    f"{first_field}; leave {field} unset (a second prompt needs a model with a second text "
+                    f"encoder, such as SDXL)")
 
     def clip_skip_limit(self, config: ModelConfig) -> int:
         """The largest clip skip the text encoders allow (1 = the layer the family conditions on)."""

@@ -77,9 +77,14 @@ class TextContextConditioner:
     """The conditioner of SD 1.x and 2.x (a Family mixin): the text encoder's hidden states are the whole
     conditioning, no pooled vector or added conditions."""
 
-    def condition(self, model, prompts, negatives, params, *, zero_empty_negatives=None):
+    def condition(self, model, prompts, negatives, params, *, prompts_2=None, negatives_2=None,
+                  zero_empty_negatives=None):
         """Prompts and negatives in one encoder call, so that both are padded to the same number of chunks.
-        (Every negative prompt is encoded, the empty one too: SD 1.x/2.x have no zeroing rule.)"""
+        (Every negative prompt is encoded, the empty one too: SD 1.x/2.x have no zeroing rule.) Their one
+        text encoder takes no second prompt: texts in `prompts_2` / `negatives_2` must equal the first."""
+        self.check_second_prompts(model.config, "prompt_2", prompts, prompts_2)
+        if negatives is not None:
+            self.check_second_prompts(model.config, "negative_prompt_2", negatives, negatives_2)
         texts = prompts if negatives is None else negatives + prompts
         return split_guidance(text_conditioning(model, texts, params.clip_skip), negatives is not None)
 

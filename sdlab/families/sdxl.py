@@ -15,8 +15,10 @@ refiner: `0.model.`), where `text_projection` is stored transposed (applied as x
 MLP is `label_emb.0`. The VAE's latents are scaled by 0.13025; SDXL's VAE overflows in fp16, so its
 config asks for `force_upcast` (decoding runs in fp32 when the model is fp16, as diffusers does).
 
-An empty negative prompt conditions on zeros (context and pooled), as diffusers (`force_zeros_for_empty_prompt`
-of the base's pipeline config) and A1111 do; the refiner encodes it.
+The second prompt (`prompt_2`, as diffusers names it) is bigG's text; CLIP ViT-L encodes the first. Unset,
+both encoders encode the one prompt. An empty negative prompt (empty for both encoders) conditions on zeros
+(context and pooled), as diffusers (`force_zeros_for_empty_prompt` of the base's pipeline config) and A1111
+do; the refiner encodes it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 from ..conditioning import chunk_prompts, encode_chunks
 from ..config import ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from ..diffusion.conditioning import Conditioning, split_guidance
+from ..errors import ParameterError
 from ..nn.clip import TextEncoder
 from . import ldm, sd1, sd2
 from .base import Component, Family, KeyMap, StateDict, names_component
@@ -184,13 +187,21 @@ class SDXL(Family):
     def clip_skip_limit(self, config: ModelConfig) -> int:
         return super().clip_skip_limit(config) - 1  # clip skip 1 is already the penultimate layer
 
-    def condition(self, model, prompts, negatives, params, *, zero_empty_negatives=None):
-        texts = prompts if negatives is None else negatives + prompts
-        context, pooled = self.encode_text(model, texts, params.clip_skip)
+    def condition(self, model, prompts, negatives, params, *, prompts_2=None, negatives_2=None,
+                  zero_empty_negatives=None):
+        """CLIP ViT-L encodes `prompts` (and `negatives`), bigG `prompts_2` (and `negatives_2`; None: the
+        same texts), as diffusers' prompt / prompt_2; the pooled vector is bigG's. Negatives and prompts go
+        through each encoder in one call, padded to one number of chunks."""
         b = len(prompts)
+        texts, texts_2 = prompts, _or_same(prompts_2, prompts)
+        if negatives is not None:
+            negatives_2 = _or_same(negatives_2, negatives)
+            texts, texts_2 = negatives + texts, negatives_2 + texts_2
+        context, pooled = self.encode_text(model, texts, params.clip_skip, texts_2=texts_2)
         zeros = self.zero_empty_negative if zero_empty_negatives is None else zero_empty_negatives
-        if negatives is not None and zeros:  # an empty negative prompt: zeros
-            empty = torch.tensor([t == "" for t in negatives] + [False] * b, device=context.device)
+        if negatives is not None and zeros:  # a negative prompt empty for both encoders: zeros
+            empty = [first == "" and second == "" for first, second in zip(negatives, negatives_2)]
+            empty = torch.tensor(empty + [False] * b, device=context.device)  # (2B,)
             context, pooled = context.masked_fill(empty[:, None, None], 0), pooled.masked_fill(empty[:, None], 0)
         numbers = [self.time_ids(params, negative=False)] * b
         if negatives is not None:
@@ -199,14 +210,18 @@ class SDXL(Family):
         both = Conditioning(context=context.to(model.dtype), added=torch.cat([pooled, time_ids], 1).to(model.dtype))
         return split_guidance(both, negatives is not None)
 
-    def encode_text(self, model, texts: list[str], clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_text(self, model, texts: list[str], clip_skip: int = 1, *,
+                    texts_2: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """B prompts -> (context (B, 77 N, 2048 or 1280), pooled (B, 1280)): each encoder's penultimate layer
-        (clip skip 1; k skips k - 1 more), emphasis applied to each, concatenated; bigG's pooled output."""
-        encoders = [(model.tokenizers[self.components[n].tokenizer], model.components[n]) for n in self.text_encoders]
-        chunked = [chunk_prompts(tokenizer, texts) for tokenizer, _ in encoders]
-        n = max(len(c) for prompts in chunked for c in prompts)
+        (clip skip 1; k skips k - 1 more), emphasis applied to each, concatenated; bigG's pooled output.
+        CLIP ViT-L encodes `texts`, bigG `texts_2` (None: `texts`); the refiner has bigG only."""
+        texts_of = {"text_encoder": texts, "text_encoder_2": _or_same(texts_2, texts)}
+        encoders = [(model.tokenizers[self.components[n].tokenizer], model.components[n], texts_of[n])
+                    for n in self.text_encoders]
+        chunked = [chunk_prompts(tokenizer, own) for tokenizer, _, own in encoders]
+        n = max(len(c) for prompts in chunked for c in prompts)  # both encoders' contexts stack along features
         outputs = [encode_chunks(tok, enc, chunks, clip_skip + 1, raw=True, n_chunks=n)
-                   for (tok, enc), chunks in zip(encoders, chunked)]
+                   for (tok, enc, _), chunks in zip(encoders, chunked)]
         return torch.cat([hidden for hidden, _ in outputs], dim=-1), outputs[-1][1]
 
     def time_ids(self, params, negative: bool) -> list[float]:
@@ -278,6 +293,16 @@ class SDXLRefiner(SDXL):
     def training_time_ids(self, extra, size):
         original = tuple(extra.get("original_size", (size, size)))
         return [*original, *extra.get("crop_top_left", (0, 0)), extra.get("aesthetic_score", 6.0)]
+
+
+def _or_same(seconds: list[str] | None, firsts: list[str]) -> list[str]:
+    """The second text encoder's texts: `seconds`, or the first encoder's when None (one per image)."""
+    if seconds is None:
+        return firsts
+    if len(seconds) != len(firsts):
+        raise ParameterError(f"got {len(seconds)} second-encoder texts (prompt_2) for {len(firsts)} prompts; "
+                             f"give one per prompt")
+    return list(seconds)
 
 
 def _has(keys: Collection[str], prefix: str) -> bool:
