@@ -1,6 +1,7 @@
 """The SDXL family on tiny configs: generation end to end, single-file round trips, detection and errors.
 (Diffusers folders: test_sdxl_checkpoints.py.)"""
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,8 +24,13 @@ def test_tiny_sdxl_generates_and_round_trips_a_single_file(tmp_path, config):
     path = model.save(tmp_path / "m.safetensors", layout="single-file")
     loaded = Model.load(path)
     assert loaded.config.replace(name=config.name) == config
+    for name, net in model.components.items():  # the weights come back bit for bit
+        state, back = net.state_dict(), loaded.components[name].state_dict()
+        assert state.keys() == back.keys() and all(torch.equal(state[k], back[k]) for k in state)
     again = sdlab.generate(loaded, params).images[0]
-    assert list(image.getdata()) == list(again.getdata())
+    # The image may still differ by a level here and there: memory-mapped tensors sit at other alignments,
+    # which can change the CPU kernels' summation order.
+    assert np.abs(np.asarray(image, dtype=int) - np.asarray(again, dtype=int)).max() <= 1
 
 
 def test_single_file_detection_without_sdlab_metadata(tmp_path):
