@@ -19,6 +19,8 @@ Variants:
   sdlab         sdlab.load(..., dtype=...) then sdlab.perf.optimize(model): the fast path
   sdlab-plain   sdlab.load(..., dtype=...) with nothing else: what the default path gives
   sdlab-compile the fast path plus torch.compile of the UNet (compile time shows in "first call")
+  sdlab-lowmem  the fast path in low-memory mode (sdlab.load(..., low_memory=True)): one stage's networks in
+                memory at a time; each generation converts and packs the UNet again (in "end to end")
   sdlab-deepcache3, sdlab-tome50   the fast path plus an opt-in speedup that changes the image (DeepCache with
                 the whole UNet every 3rd step; token merging of half the top level's tokens)
 
@@ -121,7 +123,8 @@ def _load_sdlab(spec: dict):
 
     dtype = getattr(torch, DTYPES[spec["precision"]])
     variant = spec["variant"]
-    model = sdlab.load(spec["model"], dtype=dtype, device=spec["device"])  # converted as it is read
+    model = sdlab.load(spec["model"], dtype=dtype, device=spec["device"],  # converted as it is read
+                       low_memory=variant == "sdlab-lowmem")
     if variant != "sdlab-plain":
         model = perf.optimize(model, compile=variant == "sdlab-compile")
     speedup = QUALITY_TRADES.get(variant, {})

@@ -179,6 +179,10 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    "or 'random:<preset>' (random weights, e.g. random:tiny)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="compute dtype (default: fp32)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="hold only the running stage's networks in memory (text encoders, then the UNet, then the "
+                   "VAE), the others in the memory-mapped file: SDXL's peak drops by its text encoders; LoRAs "
+                   "cannot be used")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--tiny-vae", type=Path, help="decode with this tiny VAE decoder (TAESD: a diffusers "
                    "AutoencoderTiny folder or taesd_decoder.safetensors): faster, slightly softer images")
@@ -230,6 +234,8 @@ def _add_serve(sub, common) -> None:
                    help="width x height of one image at most (default: 2048x2048)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    p.add_argument("--low-memory", action="store_true", help="models hold only the running stage's networks in "
+                   "memory (see sdlab generate --help); requests with LoRAs are refused")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.set_defaults(run=cmd_serve)
 
@@ -365,7 +371,8 @@ def _named_model(name, args):
     from .model import Model
     from .pngmeta import ModelInfo
 
-    model = Model.from_name(name, device=args.device, dtype=DTYPES[args.dtype]).to(args.device)
+    model = Model.from_name(name, device=args.device, dtype=DTYPES[args.dtype],
+                            low_memory=getattr(args, "low_memory", False)).to(args.device)
     return model, ModelInfo(model_display_name(name), short_hash(model_sha256(model)))
 
 
@@ -474,6 +481,7 @@ def cmd_serve(args) -> int:
         basic_auth=args.basic_auth, cors_origins=tuple(args.cors_origin),
         allowed_hosts=tuple(args.allowed_host), queue_size=args.queue_size,
         max_images=args.max_images, shutdown_grace_s=args.grace, device=args.device, dtype=args.dtype,
+        low_memory=args.low_memory,
         lora_dirs=tuple(args.lora_dirs), max_job_seconds=args.max_job_seconds, job_timeout_s=args.job_timeout,
         max_image_pixels=args.max_image_pixels,
         log_level="info" if args.verbose else "warning",

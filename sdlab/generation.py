@@ -21,7 +21,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -226,7 +226,7 @@ def _sample_batch(model, texts, params, generator, callback, interrupt, refiner,
     interrupted = False
     try:
         if len(sigmas) > 1:
-            with token_merging(model.unet, params.token_merging):
+            with _denoising_stage(model, refiner), token_merging(model.unet, params.token_merging):
                 x = spec.sample(denoiser, x, sigmas, generator=generator, callback=watcher, interrupt=interrupt)
     except SamplingInterrupted as stop:
         x, interrupted = (stop.denoised if stop.denoised is not None else stop.x), True
@@ -238,6 +238,13 @@ def _sample_batch(model, texts, params, generator, callback, interrupt, refiner,
     decoder = refiner if isinstance(denoiser, SwitchingDenoiser) and denoiser.switched else model
     images = decode_latents(decoder, latents)
     return GenerationResult(images, params, latents, interrupted)
+
+
+@contextmanager
+def _denoising_stage(model, refiner):
+    """The sampling loop's networks in memory (low-memory models): the UNet, and the refiner's."""
+    with model.using("unet"), (refiner.using("unet") if refiner is not None else nullcontext()):
+        yield
 
 
 def check_refiner(config, refiner_config, params: GenerationParams) -> GenerationParams:
@@ -300,9 +307,10 @@ def _conditionings(model, texts: _Texts, params, zero_empty_negatives=None):
     """(cond, uncond) Conditionings from the family's conditioner (one call for both); uncond is None when
     guidance is off (scale 1)."""
     guided = params.cfg_scale != 1.0
-    cond, uncond = family_of(model.config).condition(
-        model, texts.prompts, texts.negatives if guided else None, params, prompts_2=texts.prompts_2,
-        negatives_2=texts.negatives_2 if guided else None, zero_empty_negatives=zero_empty_negatives)
+    with model.using(*model.text_encoder_names):
+        cond, uncond = family_of(model.config).condition(
+            model, texts.prompts, texts.negatives if guided else None, params, prompts_2=texts.prompts_2,
+            negatives_2=texts.negatives_2 if guided else None, zero_empty_negatives=zero_empty_negatives)
     _check_finite(cond.context, "the text encoder's output")
     return cond, uncond
 
@@ -359,7 +367,7 @@ def encode_image(model, pixels: torch.Tensor, batch: int, generator: rng.Generat
     """One image (1, 3, H, W) in [-1, 1] -> `batch` scaled latents (B, 4, h, w), sampled from the VAE's
     posterior. With one generator the sample is drawn once and repeated (as diffusers does); with a list,
     each image draws its own from its generator."""
-    with _vae_precision(model) as dtype:
+    with model.using("vae"), _vae_precision(model) as dtype:
         mean, logvar = model.vae.encode(pixels.to(dtype))
         mean, logvar = mean.to(model.dtype), logvar.to(model.dtype)
     if isinstance(generator, (list, tuple)):
@@ -374,7 +382,7 @@ def decode_latents(model, latents: torch.Tensor) -> list:
     if model.tiny_decoder is not None:  # TAESD decodes the UNet's latents as they are
         pixels = model.tiny_decoder(latents.to(next(model.tiny_decoder.parameters()).dtype))
     else:
-        with _vae_precision(model) as dtype:
+        with model.using("vae"), _vae_precision(model) as dtype:
             pixels = model.vae.decode(latent_format(model.config).from_diffusion(latents.to(dtype)))
     _check_finite(pixels, "the VAE decoder's output")
     return to_pil(pixels)
@@ -386,7 +394,8 @@ def _vae_precision(model):
     `force_upcast` (SDXL's VAE overflows in fp16; diffusers' SDXL pipelines upcast it the same way). The VAE
     is cast for the call and back afterwards."""
     vae = model.vae
-    dtype = next(vae.parameters()).dtype
+    # (A low-memory model's packed layers hold the file's dtype until their first call: ask the model.)
+    dtype = model.dtype if model.residency is not None else next(vae.parameters()).dtype
     if not (dtype == torch.float16 and model.config.vae.force_upcast):
         yield dtype
         return

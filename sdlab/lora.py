@@ -488,6 +488,11 @@ def apply_lora(model, source: LoRASource, weight: float = 1.0) -> MergedLoRA:
     or any names a layer of another shape (a LoRA for another architecture), raises `CheckpointError`
     before changing anything.
     """
+    if model.residency is not None:
+        raise ParameterError(
+            "LoRAs cannot be used with a low-memory model (loaded with low_memory=True / --low-memory): they are "
+            "merged into the weights in memory, which that mode sends back to the file between stages; load the "
+            "model without it to use LoRAs")
     family = families.family_of(model.config)
     lora = read_lora(source, family)
     layers = adaptable_modules(model)

@@ -6,12 +6,14 @@ Which networks a model has is its family's choice (`sdlab.families`: unet, vae a
 `Model.load(path)` reads a diffusers folder or a single `.safetensors`/`.ckpt` file; `Model.build(config)`
 makes one with random weights; `model.save(path, layout=...)` writes either layout. Loading builds the
 networks on the meta device and *assigns* the checkpoint's tensors (memory-mapped for safetensors), so the
-weights are never held twice.
+weights are never held twice. `Model.load(path, low_memory=True)` keeps only the running stage's networks in
+memory (`sdlab.residency`); `model.using(*names)` marks a stage.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from .checkpoints.io import quoted_key
 from .config import PRESETS, ModelConfig
 from .errors import CheckpointError, ParameterError
 from .perf import convert_dtype
+from .residency import Residency, check_memory_mapped
 from .tokenizer import CLIPTokenizer
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,7 @@ class Model:
     source: Path | None = None  # the file or folder it was loaded from
     # Opt-in: decode with a tiny VAE decoder (TAESD, `sdlab.nn.tiny_vae.load_tiny_decoder`) instead of `vae`.
     tiny_decoder: nn.Module | None = None
+    residency: Residency | None = None  # low-memory mode: which networks are in memory (None: all, always)
 
     def __getattr__(self, name: str) -> nn.Module:
         components = self.__dict__.get("components", {})
@@ -80,19 +84,32 @@ class Model:
         variant: str | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        low_memory: bool = False,
     ) -> Model:
         """Load a diffusers folder or a single-file checkpoint.
 
         `family` overrides detection (a preset name such as "sd15", "sd21"); `prediction` overrides
         "epsilon"/"v_prediction" (SD 2.x 768 single files cannot say which they are). `dtype` is the compute
-        dtype: fp16 files are converted to fp32 by default, which a CPU needs for speed.
+        dtype: fp16 files are converted to fp32 by default, which a CPU needs for speed. `low_memory` holds
+        only the running stage's networks in memory, the others in the memory-mapped file
+        (`sdlab.residency`): the peak is the UNet's instead of all networks', at the cost of converting
+        (and packing) each network again at every generation (SDXL: ~15 s); LoRAs cannot be merged into it.
         """
         ckpt = checkpoints.load_checkpoint(path, family=family, prediction=prediction, variant=variant)
         nets = _meta_networks(ckpt)
         check_weights_fit(nets, ckpt)
-        for name, net in nets.items():
-            _assign(net, ckpt.weights[name], dtype, device, where=f"{ckpt.source} ({name})")
-        return cls(ckpt.config, _tokenizers(ckpt.config, ckpt.tokenizer_dirs), nets, source=Path(ckpt.source))
+        residency = None
+        if low_memory:  # the networks point at the file's tensors; a stage converts its own (Model.using)
+            homes = {name: ckpt.weights[name] for name in nets}
+            check_memory_mapped(homes, ckpt.source)
+            for name, net in nets.items():
+                _assign(net, homes[name], None, "cpu", where=f"{ckpt.source} ({name})")
+            residency = Residency(homes, dtype, device)
+        else:
+            for name, net in nets.items():
+                _assign(net, ckpt.weights[name], dtype, device, where=f"{ckpt.source} ({name})")
+        return cls(ckpt.config, _tokenizers(ckpt.config, ckpt.tokenizer_dirs), nets, source=Path(ckpt.source),
+                   residency=residency)
 
     @classmethod
     def from_name(cls, name: str | Path | None = None, **load_options) -> Model:
@@ -105,6 +122,8 @@ class Model:
             preset = str(name).removeprefix("random:")
             if preset not in PRESETS:
                 raise CheckpointError(f"unknown preset {preset!r} in {name!r}; valid: {', '.join(PRESETS)}")
+            if load_options.get("low_memory"):
+                log.warning("%s has no file to keep its weights in: low-memory mode does nothing for it", name)
             with torch.random.fork_rng(devices=[]):  # the same weights every time, global RNG untouched
                 torch.manual_seed(0)
                 return cls.build(PRESETS[preset], dtype=load_options.get("dtype", torch.float32))
@@ -122,7 +141,26 @@ class Model:
             return checkpoints.save_single_file(path, self.config, weights, dtype=dtype, overwrite=overwrite)
         raise ValueError(f"unknown layout {layout!r}: use 'diffusers' or 'single-file'")
 
+    def using(self, *names: str):
+        """A context in which the networks `names` are in memory: a no-op unless the model was loaded with
+        `low_memory=True`, where it sends the others home first (see `sdlab.residency`). Generation marks
+        its stages with it: the text encoders, the UNet, the VAE."""
+        if self.residency is None:
+            return nullcontext()
+        return self.residency.using(self.components, names)
+
+    @property
+    def text_encoder_names(self) -> tuple[str, ...]:
+        """The components that encode the prompt: "text_encoder" (and SDXL's "text_encoder_2"), as the
+        family declares them."""
+        return tuple(name for name, c in families.family_of(self.config).components.items() if c.tokenizer)
+
     def to(self, device=None, dtype=None) -> Model:
+        if self.residency is not None:  # later stages bring their networks in with the new dtype/device
+            self.residency.reset(self.components, dtype, device)
+            if self.tiny_decoder is not None:
+                self.tiny_decoder.to(device=device, dtype=dtype)
+            return self
         for net in self.components.values():
             net.to(device=device, dtype=dtype)
         if self.tiny_decoder is not None:
@@ -131,11 +169,11 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return self.residency.device if self.residency is not None else next(self.unet.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        return self.residency.dtype if self.residency is not None else next(self.unet.parameters()).dtype
 
 
 def builtin_model_path() -> Path:
@@ -228,7 +266,8 @@ def _assign(net: nn.Module, state: dict[str, torch.Tensor], dtype, device, *, wh
     # Assign the (memory-mapped) tensors as they are, then convert one tensor at a time, releasing each
     # source's pages: converting the whole dict first would hold the fp32 file and its copy at once (perf edit).
     net.load_state_dict(state, strict=True, assign=True)
-    convert_dtype(net, dtype)
+    if dtype is not None:
+        convert_dtype(net, dtype)
     net.to(device=device)
     leftover = [name for name, b in net.named_buffers() if b.is_meta]
     if leftover:

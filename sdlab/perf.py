@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import sys
 
@@ -58,14 +59,17 @@ def optimize(model, dtype: torch.dtype | None = None, *, channels_last: bool = T
     if dtype is not None:
         if dtype not in _DTYPES:
             raise ParameterError(f"optimize: dtype must be one of {_DTYPES}, got {dtype}")
-        for net in model.components.values():
-            convert_dtype(net, dtype)
+        if model.residency is not None:  # low-memory mode: each stage converts its own networks when it runs
+            model.to(dtype=dtype)
+        else:
+            for net in model.components.values():
+                convert_dtype(net, dtype)
     on_cpu = model.device.type == "cpu"
     packing = prepack_weights and on_cpu and model.dtype in _PACKABLE and torch.backends.mkldnn.is_available()
     for net in (model.unet, model.vae):
         if packing and not (compile and net is model.unet):
             prepack(net)  # packed convolutions take and give channels_last activations by themselves
-        elif channels_last:
+        elif channels_last and model.residency is None:  # (a low-memory model's stages would undo it)
             to_channels_last(net)
     if attention_upcast is None:
         attention_upcast = on_cpu and model.dtype == torch.float16
@@ -79,10 +83,14 @@ def optimize(model, dtype: torch.dtype | None = None, *, channels_last: bool = T
     return model
 
 
-def convert_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+def convert_dtype(module: nn.Module, dtype: torch.dtype, *, pack: bool = False) -> nn.Module:
     """Cast floating-point parameters and buffers to `dtype` one tensor at a time, dropping each source
-    tensor (often a memory-mapped checkpoint page range) before converting the next."""
+    tensor (often a memory-mapped checkpoint page range) before converting the next. `pack`: packed layers
+    convert as they pack (`_PackedWeight.convert_for_packing`), so no plain converted copy of theirs adds up."""
     for sub in module.modules():
+        if pack and isinstance(sub, _PackedWeight):
+            sub.convert_for_packing(dtype)
+            continue
         for table in (sub._parameters, sub._buffers):
             for name, tensor in table.items():
                 if tensor is None or not tensor.is_floating_point() or tensor.dtype == dtype:
@@ -113,7 +121,7 @@ def release_pages(tensor: torch.Tensor) -> None:
     start, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()  # contiguous checkpoint tensors
     page = os.sysconf("SC_PAGE_SIZE")
     first, last = -(-start // page) * page, (start + size) // page * page  # whole pages inside the tensor
-    if last <= first or not _in_file_mapping(start):
+    if last <= first or not in_file_mapping(start):
         return
     advice = _MADV_DONTNEED if _unmodified_file_pages(first, last, page) else _MADV_PAGEOUT
     _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), advice)
@@ -134,7 +142,7 @@ def _unmodified_file_pages(first: int, last: int, page: int) -> bool:
     return bool(np.all(np.where(present, file_page, ~swapped)))
 
 
-def _in_file_mapping(address: int) -> bool:
+def in_file_mapping(address: int) -> bool:
     """Whether `address` lies in a mapping of a regular file (per /proc/self/maps)."""
     with open("/proc/self/maps") as maps:
         for line in maps:
@@ -173,26 +181,53 @@ class _PackedWeight:
     """
 
     packed: torch.Tensor | None = None  # an mkldnn tensor
+    packed_for: tuple[int, ...] | None = None  # the input shape it was last packed for (oneDNN's layout hint)
+    # Set by `convert_for_packing`: the plain weight is still in the checkpoint's dtype, and packing converts it.
+    pack_dtype: torch.dtype | None = None
 
     @property
     def weight(self) -> torch.Tensor:
-        return self._parameters["weight"] if self.packed is None else self.packed.to_dense()
+        if self.packed is not None:
+            return self.packed.to_dense()
+        weight = self._parameters["weight"]
+        return weight if self.pack_dtype is None else weight.to(self.pack_dtype)
 
     def _fast(self, x: torch.Tensor) -> bool:
         return x.device.type == "cpu" and x.dtype == self._dtype() and not torch.is_grad_enabled()
 
     def _dtype(self) -> torch.dtype:
-        return self.packed.dtype if self.packed is not None else self._parameters["weight"].dtype
+        if self.packed is not None:
+            return self.packed.dtype
+        return self.pack_dtype or self._parameters["weight"].dtype
 
     def _pack_from(self, x: torch.Tensor) -> None:
-        weight = self._parameters.pop("weight").detach()
-        self.packed = self._reorder(weight, x)
-        release_pages(weight)
+        self._pack(tuple(x.shape))
+
+    def _pack(self, input_shape: tuple[int, ...]) -> None:
+        source = self._parameters.pop("weight").detach()
+        weight = source if self.pack_dtype is None else source.to(self.pack_dtype)
+        self.packed, self.packed_for, self.pack_dtype = self._reorder(weight, list(input_shape)), input_shape, None
+        release_pages(source)
+
+    def convert_for_packing(self, dtype: torch.dtype) -> None:
+        """Get the layer to compute in `dtype` without ever holding its converted plain weight beside the
+        others': a layer packed before packs again now, for the input shape it had; one never packed keeps the
+        weight as it is until its first call, which converts while packing (low-memory mode brings whole
+        networks in this way, `sdlab.residency`). The bias is converted now."""
+        if self.bias is not None and self.bias.dtype != dtype:
+            self.bias = nn.Parameter(self.bias.detach().to(dtype), self.bias.requires_grad)
+        if self.packed is not None and self.packed.dtype == dtype:
+            return
+        if self.packed is not None:
+            self.set_weight(self.packed.to_dense())
+        self.pack_dtype = None if self._parameters["weight"].dtype == dtype else dtype
+        if self.packed_for is not None and dtype in _PACKABLE:
+            self._pack(self.packed_for)
 
     def set_weight(self, weight: torch.Tensor) -> None:
         """Hold `weight` (out, in[, kh, kw], this layer's dtype) as the plain weight, dropping any pack; the
         next inference call packs it again. The tensor is taken, not copied."""
-        self.packed = None
+        self.packed = self.pack_dtype = None
         old = self._parameters.pop("weight", None)  # None if packed
         others = dict(self._parameters)  # the weight goes first, as in a plain layer: state_dict() key order
         self._parameters.clear()
@@ -200,8 +235,8 @@ class _PackedWeight:
         self._parameters.update(others)
 
     def unpack(self) -> None:
-        if self.packed is not None:
-            self.set_weight(self.packed.to_dense())
+        if self.packed is not None or self.pack_dtype is not None:
+            self.set_weight(self.weight)
         self.__class__ = self._plain
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -220,9 +255,10 @@ class PackedConv2d(_PackedWeight, nn.Conv2d):
 
     _plain = nn.Conv2d
 
-    def _reorder(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _reorder(self, weight: torch.Tensor, input_shape: list[int]) -> torch.Tensor:
         return torch._C._nn.mkldnn_reorder_conv2d_weight(
-            weight.contiguous().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape))
+            weight.contiguous().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
+            input_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fast(x) or isinstance(self.padding, str) or self.padding_mode != "zeros":
@@ -241,8 +277,8 @@ class PackedLinear(_PackedWeight, nn.Linear):
 
     _plain = nn.Linear
 
-    def _reorder(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._reorder_linear_weight(weight, x.numel() // x.shape[-1])
+    def _reorder(self, weight: torch.Tensor, input_shape: list[int]) -> torch.Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, math.prod(input_shape[:-1]))  # rows of x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fast(x):

@@ -209,4 +209,6 @@ def test_diffusers_single_file_loader_reads_our_export(tmp_path):
         assert all(torch.equal(theirs[k], v) for k, v in ours.items()), name
     images = [pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
               for pipe in (from_file, from_folder)]
-    assert np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
+    # The same weights; a level here and there may still differ: the two pipelines' tensors sit at other
+    # alignments (memory-mapped or not), which can change the CPU kernels' summation order.
+    assert np.abs(np.asarray(images[0], dtype=int) - np.asarray(images[1], dtype=int)).max() <= 1

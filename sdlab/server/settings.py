@@ -40,6 +40,7 @@ class ServerSettings:
     shutdown_grace_s: float = 10.0  # on SIGTERM the running job gets this long to finish, then is aborted
     device: str = "cpu"
     dtype: str = "fp32"
+    low_memory: bool = False  # models hold only the running stage's networks in memory (sdlab.residency); no LoRAs
     log_level: str = "info"
     # Named files clients may use (`<lora:name:w>`): looked up only directly inside these folders.
     lora_dirs: tuple[Path, ...] = ()

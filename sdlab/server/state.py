@@ -48,7 +48,11 @@ class ServerState:
             raise ParameterError(
                 f"batch_size x n_iter = {params.batch_size * n_iter} images; this server makes at most "
                 f"{self.settings.max_images} per request")
-        for name, _ in extract_lora_tags(params.prompt)[1]:
+        tags = extract_lora_tags(params.prompt)[1]
+        if tags and self.settings.low_memory:
+            raise ParameterError("the prompt names LoRAs (<lora:...>), which this server cannot use: it runs its "
+                                 "models in low-memory mode (--low-memory); remove the tags")
+        for name, _ in tags:
             self.loras.path(name)  # an unknown or invalid name is a 422 now, not a failed job later
         model = self.registry.resolve(model or self.model_name).name
         config = self.registry.config(model)
