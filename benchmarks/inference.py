@@ -6,6 +6,8 @@ achieved TFLOP/s and the largest pixel difference between the two images.
     python benchmarks/inference.py --device cuda      # GPU: fp16, 512x512, 50 steps (skips without CUDA)
     python benchmarks/inference.py --variants sdlab,sdlab-plain,diffusers --precisions bf16
     python benchmarks/inference.py --family sdxl      # SDXL base: bf16, 512x512, 10 steps, 1 repeat
+    python benchmarks/inference.py --dropin --precisions fp32 --variants sdlab,sdlab-plain,diffusers
+                                                      # diffusers' example, import changed (folder's scheduler)
 
 Both pipelines load one random-weight SD 1.5-config (or, with `--family sdxl`, SDXL-base-config) model (a
 diffusers folder, built once with seed 0 and cached, SDXL's in fp16; `--model` takes any other folder) and sample the same prompt with DPM++ 2M (diffusers'
@@ -16,8 +18,8 @@ hits both alike; the table shows medians over the repeats.
 
 Variants:
   diffusers     StableDiffusion(XL)Pipeline.from_pretrained(torch_dtype=...), the reference
-  sdlab         sdlab.load(..., dtype=...) then sdlab.perf.optimize(model): the fast path
-  sdlab-plain   sdlab.load(..., dtype=...) with nothing else: what the default path gives
+  sdlab         sdlab.load(..., dtype=...): the default, fast path (weights packed for oneDNN)
+  sdlab-plain   sdlab.load(..., dtype=..., plain=True): the plain path (weights as the checkpoint has them)
   sdlab-compile the fast path plus torch.compile of the UNet (compile time shows in "first call")
   sdlab-lowmem  the fast path in low-memory mode (sdlab.load(..., low_memory=True)): one stage's networks in
                 memory at a time; each generation converts and packs the UNet again (in "end to end")
@@ -97,8 +99,9 @@ def _load_diffusers(spec: dict):
     dtype = getattr(torch, DTYPES[spec["precision"]])
     cls = diffusers.DiffusionPipeline  # the folder's own pipeline class: StableDiffusion(XL)Pipeline
     pipe = cls.from_pretrained(spec["model"], torch_dtype=dtype, **_SD_ONLY.get(spec["family"], {}))
-    pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config,
-                                                                       timestep_spacing="leading")
+    if not spec["dropin"]:
+        pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config,
+                                                                           timestep_spacing="leading")
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(spec["device"])
     timer = StepTimer(pipe.unet, spec["device"])
@@ -114,6 +117,27 @@ def _load_diffusers(spec: dict):
     return run, timer
 
 
+def _load_sdlab_dropin(spec: dict):
+    """diffusers' own call with the import changed: sdlab.DiffusionPipeline, the folder's scheduler."""
+    import numpy as np
+    import torch
+
+    import sdlab
+
+    dtype = getattr(torch, DTYPES[spec["precision"]])
+    pipe = sdlab.DiffusionPipeline.from_pretrained(spec["model"], torch_dtype=dtype,
+                                                   plain=spec["variant"] == "sdlab-plain")
+    timer = StepTimer(pipe.unet, spec["device"])
+
+    def run(seed):
+        generator = torch.Generator().manual_seed(seed)
+        out = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=spec["steps"], guidance_scale=spec["cfg"],
+                   height=spec["size"], width=spec["size"], generator=generator, output_type="np").images
+        return (out[0] * 255).round().clip(0, 255).astype(np.uint8)
+
+    return run, timer
+
+
 def _load_sdlab(spec: dict):
     import numpy as np
     import torch
@@ -121,12 +145,14 @@ def _load_sdlab(spec: dict):
     import sdlab
     from sdlab import perf
 
+    if spec["dropin"]:
+        return _load_sdlab_dropin(spec)
     dtype = getattr(torch, DTYPES[spec["precision"]])
     variant = spec["variant"]
-    model = sdlab.load(spec["model"], dtype=dtype, device=spec["device"],  # converted as it is read
-                       low_memory=variant == "sdlab-lowmem")
-    if variant != "sdlab-plain":
-        model = perf.optimize(model, compile=variant == "sdlab-compile")
+    model = sdlab.load(spec["model"], dtype=dtype, device=spec["device"],  # converted as it is read; packed
+                       low_memory=variant == "sdlab-lowmem", plain=variant == "sdlab-plain")
+    if variant == "sdlab-compile":
+        model = perf.optimize(model, compile=True)
     speedup = QUALITY_TRADES.get(variant, {})
     if "deepcache" in speedup:  # its shallow calls skip UNet.forward: time from conv_in to conv_out instead
         timer = StepTimer(model.unet.conv_in, spec["device"], last=model.unet.conv_out)
@@ -257,7 +283,7 @@ def measure(args, model: str, workdir: str) -> dict:
                 spec = {"variant": variant, "precision": precision, "model": model, "device": args.device,
                         "family": args.family,
                         "size": args.size, "steps": args.steps, "cfg": args.cfg, "seed": args.seed,
-                        "gens": args.gens, "threads": args.threads,
+                        "gens": args.gens, "threads": args.threads, "dropin": args.dropin,
                         "image": os.path.join(workdir, f"{variant}_{precision}.npy")}
                 result = run_child(spec)
                 result["image"] = spec["image"]
@@ -319,6 +345,10 @@ def parse_args(argv=None):
     p.add_argument("--gens", type=int, default=2, help="generations per process; the last one is 'end to end'")
     p.add_argument("--threads", type=int, default=2, help="torch threads (0 = torch's default)")
     p.add_argument("--quick", action="store_true", help="128x128, 4 steps, 1 repeat")
+    p.add_argument("--dropin", action="store_true",
+                   help="diffusers' example as a user writes it: DiffusionPipeline.from_pretrained and pipe(...) with "
+                   "the folder's own scheduler (PNDM for SD 1.5), sdlab's with only the import changed (variants "
+                   "sdlab and sdlab-plain)")
     p.add_argument("--peak-fp32", type=float, default=DEFAULT_PEAKS["fp32"], help="machine peak, TFLOP/s")
     p.add_argument("--peak-bf16", type=float, default=DEFAULT_PEAKS["bf16"])
     p.add_argument("--peak-fp16", type=float, help="(GPU) peak fp16 TFLOP/s, for the %% column")
@@ -356,7 +386,8 @@ def main(argv=None) -> int:
             return 0
     model = ensure_model(args.model, args.family)
     flop = unet_flop(model, args.size)
-    print(f"{args.device}, {args.size}x{args.size}, {args.steps} steps of DPM++ 2M, CFG {args.cfg}, seed {args.seed}, "
+    sampler = "the folder's scheduler (drop-in pipelines)" if args.dropin else "DPM++ 2M"
+    print(f"{args.device}, {args.size}x{args.size}, {args.steps} steps of {sampler}, CFG {args.cfg}, seed {args.seed}, "
           f"{args.threads or 'default'} threads; one UNet call (batch 2) = {flop / 1e12:.3f} TFLOP", flush=True)
     with tempfile.TemporaryDirectory() as workdir:
         runs = measure(args, model, workdir)

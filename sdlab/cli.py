@@ -183,6 +183,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="hold only the running stage's networks in memory (text encoders, then the UNet, then the "
                    "VAE), the others in the memory-mapped file: SDXL's peak drops by its text encoders; LoRAs "
                    "cannot be used")
+    p.add_argument("--plain", action="store_true", help="the plain inference path: weights as the checkpoint "
+                   "has them, not packed for oneDNN (bit-compatible with diffusers' kernels; slower on a CPU)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--tiny-vae", type=Path, help="decode with this tiny VAE decoder (TAESD: a diffusers "
                    "AutoencoderTiny folder or taesd_decoder.safetensors): faster, slightly softer images")
@@ -236,6 +238,7 @@ def _add_serve(sub, common) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
     p.add_argument("--low-memory", action="store_true", help="models hold only the running stage's networks in "
                    "memory (see sdlab generate --help); requests with LoRAs are refused")
+    p.add_argument("--plain", action="store_true", help="the plain inference path (see sdlab generate --help)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.set_defaults(run=cmd_serve)
 
@@ -372,7 +375,7 @@ def _named_model(name, args):
     from .pngmeta import ModelInfo
 
     model = Model.from_name(name, device=args.device, dtype=DTYPES[args.dtype],
-                            low_memory=getattr(args, "low_memory", False)).to(args.device)
+                            low_memory=getattr(args, "low_memory", False), plain=getattr(args, "plain", False))
     return model, ModelInfo(model_display_name(name), short_hash(model_sha256(model)))
 
 
@@ -481,7 +484,7 @@ def cmd_serve(args) -> int:
         basic_auth=args.basic_auth, cors_origins=tuple(args.cors_origin),
         allowed_hosts=tuple(args.allowed_host), queue_size=args.queue_size,
         max_images=args.max_images, shutdown_grace_s=args.grace, device=args.device, dtype=args.dtype,
-        low_memory=args.low_memory,
+        low_memory=args.low_memory, plain=args.plain,
         lora_dirs=tuple(args.lora_dirs), max_job_seconds=args.max_job_seconds, job_timeout_s=args.job_timeout,
         max_image_pixels=args.max_image_pixels,
         log_level="info" if args.verbose else "warning",

@@ -24,7 +24,7 @@ from . import checkpoints, families
 from .checkpoints.io import quoted_key
 from .config import PRESETS, ModelConfig
 from .errors import CheckpointError, ParameterError
-from .perf import convert_dtype
+from .perf import convert_dtype, optimize, unpack
 from .residency import Residency, check_memory_mapped
 from .tokenizer import CLIPTokenizer
 
@@ -85,6 +85,7 @@ class Model:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         low_memory: bool = False,
+        plain: bool = False,
     ) -> Model:
         """Load a diffusers folder or a single-file checkpoint.
 
@@ -94,6 +95,12 @@ class Model:
         only the running stage's networks in memory, the others in the memory-mapped file
         (`sdlab.residency`): the peak is the UNet's instead of all networks', at the cost of converting
         (and packing) each network again at every generation (SDXL: ~15 s); LoRAs cannot be merged into it.
+
+        The model comes on the fast inference path (`sdlab.perf.optimize` without a dtype change: on a CPU
+        the UNet's and VAE's weights are packed for oneDNN at their first call; fp32 images stay within
+        float rounding of the reference). `plain=True` leaves the networks exactly as the checkpoint built
+        them: bit-compatible with diffusers' eager kernels, and what training needs (packed layers hold no
+        weight parameter to train).
         """
         ckpt = checkpoints.load_checkpoint(path, family=family, prediction=prediction, variant=variant)
         nets = _meta_networks(ckpt)
@@ -108,14 +115,16 @@ class Model:
         else:
             for name, net in nets.items():
                 _assign(net, ckpt.weights[name], dtype, device, where=f"{ckpt.source} ({name})")
-        return cls(ckpt.config, _tokenizers(ckpt.config, ckpt.tokenizer_dirs), nets, source=Path(ckpt.source),
-                   residency=residency)
+        model = cls(ckpt.config, _tokenizers(ckpt.config, ckpt.tokenizer_dirs), nets, source=Path(ckpt.source),
+                    residency=residency)
+        return model if plain else optimize(model)
 
     @classmethod
     def from_name(cls, name: str | Path | None = None, **load_options) -> Model:
         """Resolve what users type for `--model`: None or "builtin" = the model shipped with sdlab;
         "random:<preset>" = random weights of a preset (e.g. "random:sd15", for smoke tests and benchmarks);
-        anything else is a path (diffusers folder or single file)."""
+        anything else is a path (diffusers folder or single file). Options as `load`'s (random weights: device,
+        dtype and plain)."""
         if name is None or str(name) == "builtin":
             return cls.load(builtin_model_path(), **load_options)
         if str(name).startswith("random:"):
@@ -126,7 +135,9 @@ class Model:
                 log.warning("%s has no file to keep its weights in: low-memory mode does nothing for it", name)
             with torch.random.fork_rng(devices=[]):  # the same weights every time, global RNG untouched
                 torch.manual_seed(0)
-                return cls.build(PRESETS[preset], dtype=load_options.get("dtype", torch.float32))
+                model = cls.build(PRESETS[preset], device=load_options.get("device", "cpu"),
+                                  dtype=load_options.get("dtype", torch.float32))
+            return model if load_options.get("plain") else optimize(model)
         return cls.load(name, **load_options)
 
     def save(self, path: str | Path, *, layout: str = "diffusers", dtype: torch.dtype | None = None,
@@ -161,7 +172,10 @@ class Model:
             if self.tiny_decoder is not None:
                 self.tiny_decoder.to(device=device, dtype=dtype)
             return self
+        leaving_cpu = device is not None and torch.device(device).type != "cpu"
         for net in self.components.values():
+            if leaving_cpu:
+                unpack(net)  # oneDNN-packed weights are CPU-only
             net.to(device=device, dtype=dtype)
         if self.tiny_decoder is not None:
             self.tiny_decoder.to(device=device, dtype=dtype)

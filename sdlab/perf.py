@@ -1,7 +1,9 @@
-"""Opt-in inference speed-ups for a loaded `Model`: `optimize(model, dtype=torch.bfloat16)`.
+"""Inference speed-ups for a loaded `Model`: `optimize(model)`, which `sdlab.load` applies by default, and
+`optimize(model, dtype=torch.bfloat16)`.
 
-The default path (`sdlab.load(...)` in fp32) reproduces the reference implementation to ~1e-5 and is left
-alone; everything here is explicit. Each lever is one small function, so that `benchmarks/levers.py` can
+Without a dtype change the levers keep the numbers: fp32 images stay within float rounding of the reference
+(~1e-5 on the networks' outputs), so loading uses them unless asked for the plain path
+(`sdlab.load(path, plain=True)`). Each lever is one small function, so that `benchmarks/levers.py` can
 switch them one at a time and docs/performance.md reports what each is worth on this machine:
 
 - `convert_dtype`: weights to bf16/fp16, one tensor at a time, so that peak memory is the converted model
@@ -88,9 +90,12 @@ def convert_dtype(module: nn.Module, dtype: torch.dtype, *, pack: bool = False) 
     tensor (often a memory-mapped checkpoint page range) before converting the next. `pack`: packed layers
     convert as they pack (`_PackedWeight.convert_for_packing`), so no plain converted copy of theirs adds up."""
     for sub in module.modules():
-        if pack and isinstance(sub, _PackedWeight):
-            sub.convert_for_packing(dtype)
-            continue
+        if isinstance(sub, _PackedWeight):
+            if pack:
+                sub.convert_for_packing(dtype)
+                continue
+            if sub.packed is not None and sub.packed.dtype != dtype:
+                sub.set_weight(sub.packed.to_dense())  # plain again: converted below, packed at the next call
         for table in (sub._parameters, sub._buffers):
             for name, tensor in table.items():
                 if tensor is None or not tensor.is_floating_point() or tensor.dtype == dtype:
@@ -159,6 +164,15 @@ def _libc():
     return libc
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
 def to_channels_last(module: nn.Module) -> nn.Module:
     """NHWC weights for every conv; oneDNN then keeps activations NHWC from the first conv on."""
     for sub in module.modules():
@@ -193,7 +207,13 @@ class _PackedWeight:
         return weight if self.pack_dtype is None else weight.to(self.pack_dtype)
 
     def _fast(self, x: torch.Tensor) -> bool:
-        return x.device.type == "cpu" and x.dtype == self._dtype() and not torch.is_grad_enabled()
+        if torch.is_grad_enabled():
+            if self.packed is not None:
+                _warn_once("a layer packed for inference ran with gradients on: its weight is not a parameter, "
+                           "so it gets no gradient. To train, load with sdlab.load(path, plain=True) (or call "
+                           "sdlab.perf.unpack on the network before making the optimizer)")
+            return False
+        return x.device.type == "cpu" and x.dtype == self._dtype()
 
     def _dtype(self) -> torch.dtype:
         if self.packed is not None:
@@ -243,6 +263,8 @@ class _PackedWeight:
         if self.packed is not None:  # first, to keep the plain layer's key order
             destination[prefix + "weight"] = self.weight
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.pack_dtype is not None:  # the plain weight is still the file's: give it in the layer's dtype
+            destination[prefix + "weight"] = self.weight
 
     def _load_from_state_dict(self, *args, **kwargs):
         if self.packed is not None:  # load into a plain weight; the next call packs it again

@@ -66,14 +66,15 @@ class StableDiffusionPipeline:
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
-                        variant: str | None = None, use_safetensors: bool | None = None,
+                        variant: str | None = None, use_safetensors: bool | None = None, plain: bool = False,
                         **components) -> StableDiffusionPipeline:
         """A local diffusers folder, a single checkpoint file, or a Hugging Face model id found in the local
         cache (or downloaded with `huggingface_hub` where a network exists). Networks given by name (e.g.
         `text_encoder_2=base.text_encoder_2, vae=base.vae`, as diffusers' refiner example shares them) replace
         the loaded ones; they must be sdlab networks of the same config. (sdlab reads `.safetensors` before
-        `.bin` and `.bin` files only with its safe reader, whatever `use_safetensors` says.)"""
-        model, sampler = _load(path_or_id, torch_dtype, variant, components)
+        `.bin` and `.bin` files only with its safe reader, whatever `use_safetensors` says.) The networks come
+        on sdlab's fast path, as `sdlab.load` gives them; `plain=True` (sdlab's own option) keeps them plain."""
+        model, sampler = _load(path_or_id, torch_dtype, variant, components, plain)
         return cls(model, sampler=sampler)
 
     from_single_file = from_pretrained
@@ -267,9 +268,9 @@ class DiffusionPipeline:
 
     @staticmethod
     def from_pretrained(path_or_id: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
-                        variant: str | None = None, use_safetensors: bool | None = None,
+                        variant: str | None = None, use_safetensors: bool | None = None, plain: bool = False,
                         **components) -> StableDiffusionPipeline:
-        model, sampler = _load(path_or_id, torch_dtype, variant, components)
+        model, sampler = _load(path_or_id, torch_dtype, variant, components, plain)
         cls = PIPELINE_CLASSES[families.family_of(model.config).pipeline_class(model.config)]
         return cls(model, sampler=sampler)
 
@@ -279,10 +280,10 @@ PIPELINE_CLASSES = {cls.__name__: cls for cls in (
     StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline)}
 
 
-def _load(path_or_id, torch_dtype, variant, components: dict) -> tuple[Model, str]:
+def _load(path_or_id, torch_dtype, variant, components: dict, plain: bool) -> tuple[Model, str]:
     """(the model, the sampler of its folder's scheduler) behind every `from_pretrained`."""
     path = resolve_model_path(path_or_id)
-    model = Model.load(path, variant=variant, dtype=torch_dtype or torch.float32)
+    model = Model.load(path, variant=variant, dtype=torch_dtype or torch.float32, plain=plain)
     _share_components(model, components)
     return model, _folder_sampler(path, model)
 

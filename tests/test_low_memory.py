@@ -80,7 +80,12 @@ def test_one_stage_at_a_time(sd_file):
             assert tensor.data_ptr() == homes[key].data_ptr() and tensor.dtype == torch.float32
         big = max(homes.values(), key=torch.Tensor.numel)
         assert perf.in_file_mapping(big.data_ptr()) and _resident_pages(big) == 0
-    assert next(model.vae.parameters()).dtype == torch.bfloat16  # the last stage stays until another needs room
+    assert model.residency.resident == {"vae"}  # the last stage stays until another needs room
+    # Packed layers (sdlab.load packs by default) convert as they pack, at their first call: the decoder's
+    # did; the encoder's, unused in txt2img, still point at the file.
+    assert model.vae.decoder.conv_in.packed.dtype == torch.bfloat16
+    assert model.vae.encoder.conv_in.weight.dtype == torch.bfloat16  # (read as converted)
+    assert model.vae.encoder.conv_in.state_dict()["weight"].dtype == torch.bfloat16
 
 
 def test_a_preview_decode_keeps_the_unet(sd_file, monkeypatch):
@@ -115,7 +120,7 @@ def test_dtype_changes_and_loras(sd_file, tmp_path):
     assert model.residency.resident == set() and model.dtype == torch.bfloat16
     assert next(model.unet.parameters()).dtype == torch.float32
     sdlab.generate(model, PARAMS)
-    assert next(model.vae.parameters()).dtype == torch.bfloat16
+    assert model.vae.decoder.conv_in.packed.dtype == torch.bfloat16
     with pytest.raises(ParameterError, match="low-memory model"):
         sdlab.generate(model, PARAMS.replace(loras=[(tmp_path / "any.safetensors", 1.0)]))
 

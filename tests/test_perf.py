@@ -1,6 +1,6 @@
-"""The opt-in inference levers of `sdlab.perf` keep results right: fp32 levers match the default path to float
-rounding, bf16 stays close to fp32, packed layers still save and reload their weights, and the benchmark
-script runs end to end (on a tiny model)."""
+"""The inference levers of `sdlab.perf` keep results right: fp32 levers match the plain path to float rounding
+(and `sdlab.load` applies them by default, `plain=True` not), bf16 stays close to fp32, packed layers still
+save and reload their weights, and the benchmark script runs end to end (on a tiny model)."""
 
 import sys
 from pathlib import Path
@@ -211,3 +211,28 @@ def test_gpu_benchmark_skips_cleanly_without_cuda(capsys):
 
     assert inference.main(["--device", "cuda"]) == 0
     assert "CUDA is not available" in capsys.readouterr().out
+
+
+@needs_onednn
+def test_loading_is_fast_by_default_and_plain_on_request(tmp_path, caplog):
+    """`sdlab.load` packs the UNet's and VAE's layers (fp32 images within float rounding of the plain path);
+    `plain=True` leaves them as built; training-style use (gradients on) of a packed model warns, since packed
+    weights are not parameters; moving off the CPU unpacks."""
+    import logging
+
+    path = _model().save(tmp_path / "m.safetensors", layout="single-file")
+    fast, plain = sdlab.load(path), sdlab.load(path, plain=True)
+    assert isinstance(fast.unet.conv_in, perf.PackedConv2d) and isinstance(fast.vae.decoder.conv_in, perf.PackedConv2d)
+    assert not any(isinstance(m, perf._PackedWeight) for net in plain.components.values() for m in net.modules())
+    assert np.abs(_pixels(fast) - _pixels(plain)).max() <= 1
+    assert all(torch.equal(a, b) for a, b in zip(fast.unet.state_dict().values(), plain.unet.state_dict().values()))
+    assert sdlab.Model.from_name("random:tiny", plain=True).unet.conv_in.__class__ is torch.nn.Conv2d
+    assert isinstance(sdlab.Model.from_name("random:tiny").unet.conv_in, perf.PackedConv2d)
+    x, t, context = _unet_inputs()
+    perf._warned.clear()  # (said once per process: an earlier test may have run a packed layer with gradients)
+    with caplog.at_level(logging.WARNING, logger="sdlab.perf"):
+        with torch.enable_grad():
+            fast.unet(x, t, context)
+    assert "gets no gradient" in caplog.text and "plain=True" in caplog.text
+    fast.to(device="meta")
+    assert not any(isinstance(m, perf._PackedWeight) for m in fast.unet.modules())

@@ -41,6 +41,7 @@ class ServerSettings:
     device: str = "cpu"
     dtype: str = "fp32"
     low_memory: bool = False  # models hold only the running stage's networks in memory (sdlab.residency); no LoRAs
+    plain: bool = False  # models on the plain inference path (no packed weights: sdlab.load's plain=True)
     log_level: str = "info"
     # Named files clients may use (`<lora:name:w>`): looked up only directly inside these folders.
     lora_dirs: tuple[Path, ...] = ()

@@ -70,12 +70,13 @@ def seed_everything(seed: int) -> None:
 def build_model(config: TrainConfig, device: torch.device | str = "cpu") -> Model:
     """The model a run starts from: `init_from` weights, or fresh weights of the `model` architecture."""
     if config.init_from:
-        model = Model.load(config.init_from, device=device)
+        model = Model.load(config.init_from, device=device, plain=True)  # trainable weights, not packed ones
     else:
         model = Model.build(resolve_model_config(config.model), device=device)
     if config.vae_from:
-        model.vae.load_state_dict(Model.load(config.vae_from).vae.state_dict())
-        model.config = model.config.replace(vae=Model.load(config.vae_from).config.vae)
+        vae_source = Model.load(config.vae_from, plain=True)
+        model.vae.load_state_dict(vae_source.vae.state_dict())
+        model.config = model.config.replace(vae=vae_source.config.vae)
     if config.prediction:
         model.config = model.config.replace(prediction=config.prediction)
     return model
