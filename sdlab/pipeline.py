@@ -44,7 +44,10 @@ SCHEDULER_SAMPLERS = {
     "HeunDiscreteScheduler": "Heun", "KDPM2DiscreteScheduler": "DPM2",
     "KDPM2AncestralDiscreteScheduler": "DPM2 a", "DPMSolverMultistepScheduler": "DPM++ 2M",
     "DPMSolverSDEScheduler": "DPM++ SDE", "UniPCMultistepScheduler": "UniPC", "LCMScheduler": "LCM",
+    "TCDScheduler": "TCD",
 }  # fmt: skip
+# The samplers whose diffusers scheduler's step takes the pipeline's `eta` (DDIM's eta, TCD's gamma).
+ETA_SAMPLERS = ("DDIM", "TCD")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 AESTHETICS_FLAG = "requires_aesthetics_score"  # the SDXL refiner's pipeline config (model_index.json)
 ZEROS_FLAG = "force_zeros_for_empty_prompt"  # the SDXL base's: a negative prompt left out conditions on zeros
@@ -135,7 +138,7 @@ class StableDiffusionPipeline:
             guidance_rescale=guidance_rescale, clip_skip=(clip_skip or 0) + 1,
             init_image=None if latents_in is not None else image,
             strength=strength if strength is not None else self._strength(mask_image), mask=mask_image,
-            eta=eta if self.sampler.upper() == "DDIM" else None, seed=0,
+            eta=eta if get_sampler(self.sampler).label in ETA_SAMPLERS else None, seed=0,
             batch_size=len(prompts) * num_images_per_prompt, **conditions,
         ).resolved(self.model.config)
         # diffusers' batch order: each prompt repeated num_images_per_prompt times.

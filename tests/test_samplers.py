@@ -324,7 +324,7 @@ def test_ancestral_step_splits_the_variance():
 NAMES = {"Euler a": "euler_ancestral", "DPM++ 2M": "dpmpp_2m", "DPM++ 2M SDE": "dpmpp_2m_sde",
          "DPM++ SDE": "dpmpp_sde", "DPM++ 2S a": "dpmpp_2s_ancestral", "Euler": "euler", "Heun": "heun",
          "LMS": "lms", "DPM2": "dpm_2", "DPM2 a": "dpm_2_ancestral", "DDIM": "ddim", "PLMS": "plms",
-         "UniPC": "uni_pc", "LCM": "lcm", "DDPM": "ddpm"}
+         "UniPC": "uni_pc", "LCM": "lcm", "TCD": "tcd", "DDPM": "ddpm"}
 
 
 def test_registry_knows_a1111_labels_and_k_diffusion_names():

@@ -101,6 +101,10 @@ class GuidedDenoiser:
         return self.model.sigma_to_t
 
     @property
+    def schedule(self) -> NoiseSchedule:
+        return self.model.schedule
+
+    @property
     def guided(self) -> bool:
         return self.uncond is not None and self.scale != 1.0
 
@@ -137,6 +141,10 @@ class MaskedDenoiser:
     @property
     def sigma_to_t(self):
         return self.denoiser.sigma_to_t
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return self.denoiser.schedule
 
     def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
         sigma = _per_sample(sigma, x)

@@ -24,6 +24,7 @@ timestep_spacing="leading", steps_offset=1, plus the options below):
 | DDPM          | ddpm                  | DDPMScheduler (variance_type="fixed_small")                           |
 | UniPC         | uni_pc                | UniPCMultistepScheduler (bh2, order 2, predict_x0)                    |
 | LCM           | lcm                   | LCMScheduler (original_inference_steps=50, timestep_scaling=10)       |
+| TCD           | tcd                   | TCDScheduler (original_inference_steps=50; gamma = eta, default 0.3)  |
 
 "Karras" schedule = the scheduler's use_karras_sigmas=True, "exponential" = use_exponential_sigmas=True.
 For DPM++ 2M (SDE) and UniPC diffusers feeds the network rounded timesteps on Karras sigmas: build their
@@ -113,6 +114,9 @@ _SPECS = (
     SamplerSpec("UniPC", "uni_pc", S.sample_unipc, style="dpm", quantize_karras=True,
                 reference="UniPCMultistepScheduler", aliases=("unipc",)),
     SamplerSpec("LCM", "lcm", S.sample_lcm, style="lcm", stochastic=True, reference="LCMScheduler"),
+    # TCD picks LCM's timesteps; diffusers' last step goes to timestep 0 (sigma_min), not to sigma 0.
+    SamplerSpec("TCD", "tcd", S.sample_tcd, style="lcm", final_sigma="sigma_min", stochastic=True,
+                reference="TCDScheduler"),
 )
 
 

@@ -18,7 +18,7 @@ in the VE convention of k-diffusion (x = x0 + sigma * noise; `sigmas` descending
   `SamplingInterrupted`, which carries the last x0 estimate (what A1111 shows on "Interrupt").
 
 The samplers, their papers, and the diffusers scheduler each one reproduces are listed in `sdlab.diffusion.
-registry`. Timestep-based samplers of diffusers (DDIM, PLMS, DDPM, UniPC, LCM) are written here as
+registry`. Timestep-based samplers of diffusers (DDIM, PLMS, DDPM, UniPC, LCM, TCD) are written here as
 functions of sigma: a DDIM step is exactly an Euler step in sigma, DDPM's posterior step is an ancestral
 Euler step with eta = 1, PLMS is an Adams-Bashforth method on dx/dsigma.
 """
@@ -31,6 +31,8 @@ import numpy as np
 import torch
 
 from sdlab import rng
+from sdlab.diffusion.schedules import NoiseSchedule
+from sdlab.errors import ParameterError
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -194,6 +196,60 @@ def sample_lcm(denoiser, x, sigmas, *, generator=None, callback=None, interrupt=
         if sigma_next > 0:
             x = x + sigma_next * randn_like(x, generator)
     return x
+
+
+def sample_tcd(denoiser, x, sigmas, *, generator=None, callback=None, interrupt=None, eta=0.3,
+               schedule: NoiseSchedule | None = None):
+    """Trajectory Consistency Distillation's "strategic stochastic sampling" (Zheng et al. 2024, "Trajectory
+    Consistency Distillation", arXiv:2402.19159), as diffusers' TCDScheduler (Hyper-SD and TCD LoRAs).
+
+    Each step denoises at sigma (timestep t), follows the predicted trajectory down to an intermediate
+    training timestep s = floor((1 - gamma) t_next) below the next one (x_s = x0 + sigma_s eps, DDIM's step),
+    then adds fresh noise from sigma_s back up to sigma_next. gamma = 0 is deterministic (s = t_next: a
+    DDIM-like consistency step); gamma = 1 re-noises from s = 0, i.e. from (almost) x0, as LCM does. The
+    step onto the end of the schedule adds no noise (so one step adds none at all); that end is timestep 0,
+    sigma_min, where diffusers' last step goes, so the registry's sigmas for TCD end there.
+
+    eta is gamma: diffusers' pipelines pass their `eta` to TCDScheduler.step as gamma. Its default here is
+    0.3, TCDScheduler.step's own default and the value of the TCD and Hyper-SD examples (which pass
+    eta=0.3). diffusers' StableDiffusionPipeline itself defaults to eta=0.0, so a diffusers pipeline called
+    without eta samples TCD with gamma = 0; sdlab's drop-in pipeline passes its eta the same way.
+
+    schedule: the model's training noise schedule, for the sigma of the integer timestep s; by default the
+    denoiser's `schedule` (sdlab's denoisers have one).
+    """
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
+        raise ParameterError(f"eta={eta!r}: TCD's eta is its gamma, the fraction of each step re-noised; "
+                             "give a number from 0 (deterministic) to 1")
+    schedule = schedule if schedule is not None else getattr(denoiser, "schedule", None)
+    if schedule is None:
+        raise ValueError("sample_tcd needs the training noise schedule: pass schedule=NoiseSchedule(...) or a "
+                         "denoiser with a `schedule` (sdlab.diffusion.denoisers)")
+    steps = _Steps(sigmas, callback, interrupt)
+    for i, sigma, sigma_next in steps:
+        steps.check(i, x)
+        denoised = denoiser(x, sigma)  # (B, C, h, w)
+        steps.report(i, x, denoised)
+        t_next = schedule.sigma_to_t(sigma_next)  # an integer on TCD's own timesteps; 0 at the end
+        sigma_s = _tcd_intermediate_sigma(schedule, t_next, sigma_next, eta)
+        x = denoised + sigma_s * to_d(x, sigma, denoised)  # the trajectory at s: x0 + sigma_s eps
+        if eta > 0 and t_next > 0:
+            # Forward diffusion from s to t_next: in VE the variances add, sigma_next^2 = sigma_s^2 + up^2.
+            x = x + (sigma_next**2 - sigma_s**2).sqrt() * randn_like(x, generator)
+    return x
+
+
+def _tcd_intermediate_sigma(schedule: NoiseSchedule, t_next: torch.Tensor, sigma_next: torch.Tensor,
+                            gamma: float) -> torch.Tensor:
+    """The sigma of TCD's intermediate timestep s = floor((1 - gamma) t_next), never above sigma_next.
+
+    diffusers computes s from its integer timestep in float32 ((1 - gamma) * a long tensor), as here. With
+    gamma = 0, s is t_next: sigma_next itself, also on sigmas between training timesteps (e.g. Karras).
+    """
+    if gamma == 0:
+        return sigma_next
+    s = int(torch.floor((1 - gamma) * t_next.float()))
+    return torch.minimum(schedule.sigmas[s].to(sigma_next), sigma_next)
 
 
 # --- second order, single step -------------------------------------------------------------------------

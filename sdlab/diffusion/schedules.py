@@ -14,7 +14,8 @@ contract is parity with them. Their conventions differ per scheduler family (`Ti
 - "ddim": DDIM, PLMS (PNDM), DDPM. "linspace" rounds to integer timesteps.
 - "dpm": DPM++ 2M (SDE), UniPC (diffusers' multistep solvers). "leading" and "linspace" place n + 1 points
   and drop the last; Karras and exponential schedules span the whole training table.
-- "lcm": Latent Consistency Models (Luo et al. 2023): a subset of a 50-step skipping schedule.
+- "lcm": Latent Consistency Models (Luo et al. 2023) and Trajectory Consistency Distillation (Zheng et al.
+  2024), whose diffusers schedulers pick the same timesteps: a subset of a 50-step skipping schedule.
 
 Timestep spacings ("linspace", "leading", "trailing") are those of Table 2 of Lin et al. 2023, "Common
 Diffusion Noise Schedules and Sample Steps are Flawed", who also give the zero-terminal-SNR rescaling.
@@ -188,9 +189,12 @@ def spaced_timesteps(
 
 
 def lcm_timesteps(num_train_timesteps: int, steps: int, original_steps: int = 50) -> np.ndarray:
-    """LCM's timesteps: `steps` evenly skipped ones out of the `original_steps`-step distillation schedule."""
+    """LCM's and TCD's timesteps: `steps` evenly skipped ones out of the `original_steps`-step distillation
+    schedule (diffusers' LCMScheduler / TCDScheduler with original_inference_steps=50)."""
     if not 1 <= steps <= original_steps:
-        raise ParameterError(f"LCM sampling takes 1 to {original_steps} steps, got steps={steps}")
+        raise ParameterError(
+            f"steps={steps}: the consistency-distilled samplers (LCM, TCD) take 1 to {original_steps} steps, a "
+            f"subset of the {original_steps}-step schedule they were distilled on (original_inference_steps)")
     k = num_train_timesteps // original_steps
     origin = (np.arange(1, original_steps + 1) * k - 1)[::-1]  # 999, 979, ..., 19
     indices = np.floor(np.linspace(0, original_steps, steps, endpoint=False)).astype(np.int64)
