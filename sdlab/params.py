@@ -98,7 +98,7 @@ class GenerationParams:
             width=self.width if self.width is not None else _side(self.init_image, 0, size),
             height=self.height if self.height is not None else _side(self.init_image, 1, size),
             seed=self.seed if self.seed is not None else random.randrange(2**32),
-            schedule=self.schedule if self.schedule is not None else default_schedule(config),
+            schedule=self.schedule if self.schedule is not None else default_schedule(config, self.sampler),
             cfg_scale=self.cfg_scale if self.cfg_scale is not None else config.default_guidance,
         )
         params.validate(config)
@@ -180,11 +180,25 @@ class GenerationParams:
                 f"{self.init_image.width}x{self.init_image.height}; they must be the same size")
 
 
-def default_schedule(config: ModelConfig) -> str:
-    """"karras", except for zero-terminal-SNR models: their first sigma is ~4096 (pure noise), and a Karras
-    ramp from there spends half of 20 steps above sigma 40, where the image is still noise; their own
-    (trailing) timesteps ("automatic") take one step from pure noise and spend the rest where detail forms."""
+def default_schedule(config: ModelConfig, sampler: str | None = None) -> str:
+    """"karras", except
+    - for the samplers of distilled models (LCM, TCD): "automatic", the timesteps they were distilled on
+      (a Karras ramp would put their few steps at noise levels the model never learned to jump from);
+    - for zero-terminal-SNR models: their first sigma is ~4096 (pure noise), and a Karras ramp from there
+      spends half of 20 steps above sigma 40, where the image is still noise; their own (trailing) timesteps
+      ("automatic") take one step from pure noise and spend the rest where detail forms."""
+    if sampler is not None and _distilled_sampler(sampler):
+        return "automatic"
     return "automatic" if config.schedule.zero_terminal_snr else "karras"
+
+
+def _distilled_sampler(name: str) -> bool:
+    from .diffusion.registry import get_sampler  # (the registry imports the samplers: only when asked)
+
+    try:
+        return get_sampler(name).style == "lcm"
+    except ParameterError:  # validate() says what is wrong with the name
+        return False
 
 
 def _side(image: Image.Image | None, axis: int, default: int) -> int:

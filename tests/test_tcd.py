@@ -189,3 +189,14 @@ def test_server_lists_and_runs_tcd():
         assert r.status_code == 200, r.text
         fields = parse_infotext(json.loads(r.json()["info"])["infotexts"][0]).fields
         assert fields["Sampler"] == "TCD"
+
+
+def test_distilled_samplers_default_to_their_own_timesteps():
+    """Left unset, the schedule of LCM and TCD is their distillation timesteps ("automatic"), not the Karras
+    ramp other samplers default to."""
+    from sdlab.config import TINY
+    from sdlab.params import GenerationParams
+
+    for sampler, schedule in (("LCM", "automatic"), ("TCD", "automatic"), ("Euler", "karras")):
+        assert GenerationParams(prompt="x", sampler=sampler).resolved(TINY).schedule == schedule
+    assert GenerationParams(prompt="x", sampler="TCD", schedule="karras").resolved(TINY).schedule == "karras"
