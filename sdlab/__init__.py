@@ -14,6 +14,9 @@ from .generation import GenerationResult, StepInfo, decode_latents, generate
 from .model import Model
 from .params import GenerationParams
 from .pipeline import (
+    AutoPipelineForImage2Image,
+    AutoPipelineForInpainting,
+    AutoPipelineForText2Image,
     DiffusionPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
@@ -31,5 +34,6 @@ __all__ = [
     "load", "generate", "GenerationParams", "GenerationResult", "StepInfo", "Model", "ModelConfig", "PRESETS",
     "decode_latents", "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline", "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
-    "StableDiffusionXLInpaintPipeline", "DiffusionPipeline",
+    "StableDiffusionXLInpaintPipeline", "DiffusionPipeline", "AutoPipelineForText2Image",
+    "AutoPipelineForImage2Image", "AutoPipelineForInpainting",
 ]  # fmt: skip

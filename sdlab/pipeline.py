@@ -134,7 +134,7 @@ class StableDiffusionPipeline:
             prompt=prompts[0], negative_prompt=negatives[0], prompt_2=_first(prompts_2),
             negative_prompt_2=_first(negatives_2), width=width, height=height,
             steps=num_inference_steps, sampler=self.sampler, schedule=self.schedule,
-            cfg_scale=self.default_guidance if guidance_scale is None else guidance_scale,
+            cfg_scale=_cfg_scale(self.default_guidance if guidance_scale is None else guidance_scale),
             guidance_rescale=guidance_rescale, clip_skip=(clip_skip or 0) + 1,
             init_image=None if latents_in is not None else image,
             strength=strength if strength is not None else self._strength(mask_image), mask=mask_image,
@@ -267,15 +267,39 @@ class StableDiffusionXLInpaintPipeline(StableDiffusionXLPipeline):
 
 
 class DiffusionPipeline:
-    """`DiffusionPipeline.from_pretrained(path)`: the pipeline class the model's family uses in diffusers."""
+    """`DiffusionPipeline.from_pretrained(path)`: the pipeline class the model's family uses in diffusers.
+    diffusers' AutoPipelines below pick the class for a task instead."""
 
-    @staticmethod
-    def from_pretrained(path_or_id: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
+    task: str | None = None  # None: the folder's own class; else what the task's class names add: "", "Img2Img", ...
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
                         variant: str | None = None, use_safetensors: bool | None = None, plain: bool = False,
                         **components) -> StableDiffusionPipeline:
         model, sampler = _load(path_or_id, torch_dtype, variant, components, plain)
-        cls = PIPELINE_CLASSES[families.family_of(model.config).pipeline_class(model.config)]
-        return cls(model, sampler=sampler)
+        name = families.family_of(model.config).pipeline_class(model.config)  # e.g. StableDiffusionXLPipeline
+        if cls.task is not None:  # StableDiffusion(XL)[Img2Img|Inpaint]Pipeline -> the task's class
+            family_part = name.removesuffix("Pipeline").replace("Img2Img", "").replace("Inpaint", "")
+            name = f"{family_part}{cls.task}Pipeline"
+        return PIPELINE_CLASSES[name](model, sampler=sampler)
+
+
+class AutoPipelineForText2Image(DiffusionPipeline):
+    """diffusers' `AutoPipelineForText2Image`: the model's text-to-image pipeline (as SD-Turbo's examples load it)."""
+
+    task = ""
+
+
+class AutoPipelineForImage2Image(DiffusionPipeline):
+    """diffusers' `AutoPipelineForImage2Image`: the model's image-to-image pipeline."""
+
+    task = "Img2Img"
+
+
+class AutoPipelineForInpainting(DiffusionPipeline):
+    """diffusers' `AutoPipelineForInpainting`: the model's inpainting pipeline."""
+
+    task = "Inpaint"
 
 
 PIPELINE_CLASSES = {cls.__name__: cls for cls in (
@@ -300,6 +324,13 @@ def _share_components(model: Model, components: dict) -> None:
             raise ParameterError(f"{name}= must be an sdlab network of the same config as the model's {name} "
                                  f"(e.g. another sdlab pipeline's pipe.{name})")
         model.components[name] = network
+
+
+def _cfg_scale(guidance_scale: float) -> float:
+    """diffusers' guidance_scale as sdlab's cfg_scale: diffusers turns classifier-free guidance off at
+    guidance_scale <= 1 (SD-Turbo's examples pass 0.0: the conditional prediction alone), where sdlab's
+    cfg_scale, as A1111's, would extrapolate towards the unconditional one (0: the unconditional alone)."""
+    return guidance_scale if guidance_scale > 1 else 1.0
 
 
 def _broadcast(value: str | list[str], n: int, name: str) -> list[str]:
