@@ -18,8 +18,8 @@ switch them one at a time and docs/performance.md reports what each is worth on 
 - `upcast_attention`: attention in fp32 under fp16 weights (fp16 overflows; CPUs have no fast fp16 kernels
   anyway). Not for bf16, which has fp32's range: torch's CPU flash-attention kernel accumulates bf16 in fp32
   already, and an upcast measured no more accurate once the output is rounded back to bf16 (the built-in
-  model's images: the same distance from fp32 with and without it) while costing 2.6x in SDXL's
-  1280-channel self-attention (7% of its UNet step);
+  model's images: the same distance from fp32 with and without it), while in SDXL's profile it took
+  attention from 9% to 17% of a UNet step (`benchmarks/attention_upcast.py`);
 - `compile_unet`: torch.compile (inductor) of the UNet. Works offline (it needs a C++ compiler), but costs
   minutes of compilation on a small CPU; off by default.
 
