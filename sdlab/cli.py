@@ -56,7 +56,7 @@ PARAM_FLAGS = {
     "seed": ("--seed", "random seed; image i of a batch uses seed + i (default: random)"),
     "batch_size": ("--batch", "images per prompt"),
     "clip_skip": ("--clip-skip", "text encoder layer to condition on, counted from the end (A1111's)"),
-    "eta": ("--eta", "noise amount for DDIM / ancestral samplers (default: the sampler's)"),
+    "eta": ("--eta", "noise amount for DDIM / ancestral samplers, TCD's gamma (default: the sampler's)"),
     "token_merging": ("--token-merging", "fraction of tokens merged before the top level's self-attention, "
                                          "0-0.75 (faster, slightly different images)"),
     "deepcache": ("--deepcache", "N > 1: the whole UNet only every N-th step, cached deep features between "

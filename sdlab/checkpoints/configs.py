@@ -384,7 +384,7 @@ def schedule_from_diffusers(
 
 def _default_spacing(scheduler_class: str) -> str:
     """What a diffusers scheduler class uses when its config names no timestep_spacing."""
-    leading = ("PNDMScheduler", "DDIMScheduler", "DDPMScheduler", "LCMScheduler", "")
+    leading = ("PNDMScheduler", "DDIMScheduler", "DDPMScheduler", "LCMScheduler", "TCDScheduler", "")
     return "leading" if scheduler_class in leading else "linspace"
 
 
