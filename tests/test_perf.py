@@ -236,3 +236,29 @@ def test_loading_is_fast_by_default_and_plain_on_request(tmp_path, caplog):
     assert "gets no gradient" in caplog.text and "plain=True" in caplog.text
     fast.to(device="meta")
     assert not any(isinstance(m, perf._PackedWeight) for m in fast.unet.modules())
+
+
+def test_cli_and_server_take_the_plain_path_on_request(monkeypatch, tmp_path):
+    """`sdlab generate --plain` and `sdlab serve --plain` load models with plain=True (and without, fast)."""
+    from sdlab import cli
+    from sdlab.server import registry
+
+    loads = []
+    original = sdlab.Model.from_name.__func__
+
+    def recording(cls, name=None, **options):
+        loads.append(options.get("plain"))
+        return original(cls, name, **options)
+
+    monkeypatch.setattr(sdlab.Model, "from_name", classmethod(recording))
+    for flags in ([], ["--plain"]):
+        assert cli.main(["generate", "x", "--model", "random:tiny", "--size", "64x64", "--steps", "1", "-q",
+                         "--out", str(tmp_path / str(len(flags))), *flags]) == 0
+    assert loads == [False, True]
+    settings = cli.build_parser().parse_args(["serve", "--plain"])
+    served = []
+    monkeypatch.setattr("sdlab.server.serve", lambda s: served.append(s) or 0)
+    assert cli.cmd_serve(settings) == 0 and served[0].plain is True and served[0].low_memory is False
+    loads.clear()
+    registry.ModelRegistry(served[0]).load("builtin")
+    assert loads == [True]
