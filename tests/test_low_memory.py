@@ -165,3 +165,19 @@ def test_cli_and_server(sd_file, tmp_path):
         assert np.array_equal(np.asarray(served), plain)
         r = client.post("/sdapi/v1/txt2img", json={**body, "prompt": "a cat <lora:style:1>"})
         assert r.status_code == 422 and "low-memory" in r.text
+
+
+@pytest.mark.parametrize("mode", ["img2img", "inpaint"])
+def test_img2img_and_inpainting(sd_file, mode):
+    """The VAE's encoder runs before the UNet's stage and its decoder after: the same images as ever."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[16:48, 16:48] = 255
+    params = PARAMS.replace(init_image=Image.fromarray(pixels), strength=0.6,
+                            mask=Image.fromarray(mask) if mode == "inpaint" else None)
+    ordinary = sdlab.generate(sdlab.load(sd_file), params)
+    low = sdlab.load(sd_file, low_memory=True)
+    assert np.array_equal(_pixels(sdlab.generate(low, params)), _pixels(ordinary))
+    assert low.residency.resident == {"vae"}
