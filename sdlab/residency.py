@@ -9,8 +9,9 @@ Between uses a network's weights live at home: the checkpoint's own tensors, mem
 (`Model.load` reads safetensors that way). Those pages belong to the kernel's page cache, not to the
 process: once dropped from the process (`perf.release_pages`) they cost nothing the process is charged for,
 and reading them again comes from the page cache, or the disk when memory is short. Entering a stage
-converts its networks from home to the compute dtype (no copy when the file already has it) and, for packed
-layers (`perf.optimize`), packs them again at their first call. A network goes home when another stage
+converts its networks from home to the compute dtype (no copy when the file already has it); packed layers
+(`perf.optimize`) convert as they pack, at once when they know their input shape from an earlier pack, else
+at their first call. A network goes home when another stage
 begins, not when its own ends: the UNet stays between steps, and a stage nested in another (a preview
 decoded inside the sampling loop) sends nothing home that the outer one uses. The price is converting and
 packing the UNet once per generation (measured in docs/performance.md).
