@@ -11,14 +11,13 @@ and back, and each one's largest error against fp64.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import sdlab
 from sdlab import GenerationParams, perf
+from timing import seconds  # benchmarks/, the script's folder
 
 PROMPTS = ["a red circle above a blue square", "a green triangle left of a yellow circle", "two blue squares"]
 SHAPES = [(2, 20, 256, 256), (2, 20, 256, 77), (2, 10, 1024, 1024), (2, 10, 1024, 77)]  # (B, heads, N, T)
@@ -30,14 +29,6 @@ def images(dtype: torch.dtype | None, upcast: bool | None) -> list[np.ndarray]:
         perf.optimize(model, dtype=dtype, attention_upcast=upcast)
     return [np.asarray(sdlab.generate(model, GenerationParams(prompt=p, seed=i, steps=20)).images[0]).astype(int)
             for i, p in enumerate(PROMPTS)]
-
-
-def seconds(f, repeats: int = 10) -> float:
-    f()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        f()
-    return (time.perf_counter() - start) / repeats
 
 
 def main() -> None:

@@ -104,22 +104,11 @@ def _load_diffusers(spec: dict):
                                                                            timestep_spacing="leading")
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(spec["device"])
-    timer = StepTimer(pipe.unet, spec["device"])
-
-    def run(seed):
-        import numpy as np
-
-        generator = torch.Generator().manual_seed(seed)
-        out = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=spec["steps"], guidance_scale=spec["cfg"],
-                   height=spec["size"], width=spec["size"], generator=generator, output_type="np").images
-        return (out[0] * 255).round().clip(0, 255).astype(np.uint8)
-
-    return run, timer
+    return _pipeline_call(pipe, spec), StepTimer(pipe.unet, spec["device"])
 
 
 def _load_sdlab_dropin(spec: dict):
     """diffusers' own call with the import changed: sdlab.DiffusionPipeline, the folder's scheduler."""
-    import numpy as np
     import torch
 
     import sdlab
@@ -127,7 +116,13 @@ def _load_sdlab_dropin(spec: dict):
     dtype = getattr(torch, DTYPES[spec["precision"]])
     pipe = sdlab.DiffusionPipeline.from_pretrained(spec["model"], torch_dtype=dtype,
                                                    plain=spec["variant"] == "sdlab-plain")
-    timer = StepTimer(pipe.unet, spec["device"])
+    return _pipeline_call(pipe, spec), StepTimer(pipe.unet, spec["device"])
+
+
+def _pipeline_call(pipe, spec: dict):
+    """run(seed) -> the (H, W, 3) uint8 image of a diffusers-style pipeline call (diffusers' or sdlab's)."""
+    import numpy as np
+    import torch
 
     def run(seed):
         generator = torch.Generator().manual_seed(seed)
@@ -135,7 +130,7 @@ def _load_sdlab_dropin(spec: dict):
                    height=spec["size"], width=spec["size"], generator=generator, output_type="np").images
         return (out[0] * 255).round().clip(0, 255).astype(np.uint8)
 
-    return run, timer
+    return run
 
 
 def _load_sdlab(spec: dict):

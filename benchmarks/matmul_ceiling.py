@@ -11,23 +11,15 @@ The best of these rates bounds how fast any implementation's UNet step can be on
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
+from timing import seconds  # benchmarks/, the script's folder
 
 # (rows, in, out): batch-2 tokens at the 16x16 (512 rows, 1280 wide) and 32x32 (2048 rows, 640 wide) levels of
 # a 512x512 SDXL image: attention projections, the GEGLU feed-forward in and out, the text K/V projections.
 SHAPES = [(512, 1280, 1280), (512, 1280, 10240), (512, 5120, 1280), (2048, 640, 640), (2048, 640, 5120),
           (2048, 2560, 640), (154, 2048, 1280)]
-
-
-def seconds(f, repeats: int) -> float:
-    f()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        f()
-    return (time.perf_counter() - start) / repeats
 
 
 def main() -> None:

@@ -95,7 +95,8 @@ def generate(model, params: GenerationParams, *, generator: rng.Generator = None
     prompt_2 = None
     if params.prompt_2 is not None:  # its tags merge LoRAs too (into the whole model); one named in both, once
         prompt_2, tags_2 = extract_lora_tags(params.prompt_2)
-        tags += [tag for tag in tags_2 if tag[0] not in {name for name, _ in tags}]
+        named = {name for name, _ in tags}
+        tags += [tag for tag in tags_2 if tag[0] not in named]
     loras = [*params.loras, *((_named_lora(name, named_loras), weight) for name, weight in tags)]
     n = params.batch_size
     if generator is None:

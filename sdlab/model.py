@@ -169,14 +169,12 @@ class Model:
     def to(self, device=None, dtype=None) -> Model:
         if self.residency is not None:  # later stages bring their networks in with the new dtype/device
             self.residency.reset(self.components, dtype, device)
-            if self.tiny_decoder is not None:
-                self.tiny_decoder.to(device=device, dtype=dtype)
-            return self
-        leaving_cpu = device is not None and torch.device(device).type != "cpu"
-        for net in self.components.values():
-            if leaving_cpu:
-                unpack(net)  # oneDNN-packed weights are CPU-only
-            net.to(device=device, dtype=dtype)
+        else:
+            leaving_cpu = device is not None and torch.device(device).type != "cpu"
+            for net in self.components.values():
+                if leaving_cpu:
+                    unpack(net)  # oneDNN-packed weights are CPU-only
+                net.to(device=device, dtype=dtype)
         if self.tiny_decoder is not None:
             self.tiny_decoder.to(device=device, dtype=dtype)
         return self

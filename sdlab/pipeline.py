@@ -270,36 +270,34 @@ class DiffusionPipeline:
     """`DiffusionPipeline.from_pretrained(path)`: the pipeline class the model's family uses in diffusers.
     diffusers' AutoPipelines below pick the class for a task instead."""
 
-    task: str | None = None  # None: the folder's own class; else what the task's class names add: "", "Img2Img", ...
+    task: str | None = None  # None: the folder's own class; else the family's class for this task
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
                         variant: str | None = None, use_safetensors: bool | None = None, plain: bool = False,
                         **components) -> StableDiffusionPipeline:
         model, sampler = _load(path_or_id, torch_dtype, variant, components, plain)
-        name = families.family_of(model.config).pipeline_class(model.config)  # e.g. StableDiffusionXLPipeline
-        if cls.task is not None:  # StableDiffusion(XL)[Img2Img|Inpaint]Pipeline -> the task's class
-            family_part = name.removesuffix("Pipeline").replace("Img2Img", "").replace("Inpaint", "")
-            name = f"{family_part}{cls.task}Pipeline"
+        family = families.family_of(model.config)
+        name = family.pipeline_class(model.config) if cls.task is None else family.task_pipelines[cls.task]
         return PIPELINE_CLASSES[name](model, sampler=sampler)
 
 
 class AutoPipelineForText2Image(DiffusionPipeline):
     """diffusers' `AutoPipelineForText2Image`: the model's text-to-image pipeline (as SD-Turbo's examples load it)."""
 
-    task = ""
+    task = "text2image"
 
 
 class AutoPipelineForImage2Image(DiffusionPipeline):
     """diffusers' `AutoPipelineForImage2Image`: the model's image-to-image pipeline."""
 
-    task = "Img2Img"
+    task = "image2image"
 
 
 class AutoPipelineForInpainting(DiffusionPipeline):
     """diffusers' `AutoPipelineForInpainting`: the model's inpainting pipeline."""
 
-    task = "Inpaint"
+    task = "inpainting"
 
 
 PIPELINE_CLASSES = {cls.__name__: cls for cls in (

@@ -111,6 +111,8 @@ class Family:
     presets: tuple[ModelConfig, ...]
     components: Mapping[str, Component]  # in the order they are built (random weights depend on it)
     pipelines: Mapping[str, str]  # diffusers pipeline class by kind: "txt2img", "inpaint"
+    # diffusers' pipeline class for each task of its AutoPipelines: "text2image", "image2image", "inpainting".
+    task_pipelines: Mapping[str, str]
     default_pad_token_id: int  # the padding token when a folder's tokenizer names none
     default_guidance: float = 7.0  # the CFG scale of its diffusers pipelines (SD 7.5 in diffusers, 7 in A1111)
     diffusers_scheduler: str | None = None  # the scheduler class its folders ship (None: SD's PNDM / DDIM)

@@ -71,6 +71,8 @@ def _configs():
 
 
 PIPELINES = {"txt2img": "StableDiffusionPipeline", "inpaint": "StableDiffusionInpaintPipeline"}
+TASK_PIPELINES = {"text2image": "StableDiffusionPipeline", "image2image": "StableDiffusionImg2ImgPipeline",
+                  "inpainting": "StableDiffusionInpaintPipeline"}
 
 
 class TextContextConditioner:
@@ -101,6 +103,7 @@ class SD1(TextContextConditioner, Family):
     presets = (SD15, SD15_INPAINT, TINY)
     components = COMPONENTS
     pipelines = PIPELINES
+    task_pipelines = TASK_PIPELINES
     default_pad_token_id = 49407  # <|endoftext|>
 
     def matches_keys(self, keys: Collection[str]) -> bool:

@@ -22,7 +22,7 @@ import torch
 from ..config import ModelConfig, TextEncoderConfig, UNetConfig
 from . import ldm
 from .base import Family, KeyMap
-from .sd1 import COMPONENTS, NO_SAFETY_CHECKER, PIPELINES, TextContextConditioner, is_sd_pipeline
+from .sd1 import COMPONENTS, NO_SAFETY_CHECKER, PIPELINES, TASK_PIPELINES, TextContextConditioner, is_sd_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class SD2(TextContextConditioner, Family):
     presets = (SD21_BASE, SD21, SD2_INPAINT)
     components = COMPONENTS
     pipelines = PIPELINES
+    task_pipelines = TASK_PIPELINES
     default_pad_token_id = 0  # "!"
 
     def matches_keys(self, keys: Collection[str]) -> bool:

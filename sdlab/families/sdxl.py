@@ -128,6 +128,8 @@ class SDXL(Family):
     presets = (SDXL_BASE, SDXL_INPAINT, TINY_SDXL)
     components = {"text_encoder": TEXT_ENCODER, "text_encoder_2": TEXT_ENCODER_2, "unet": UNET, "vae": VAE}
     pipelines = {"txt2img": "StableDiffusionXLPipeline", "inpaint": "StableDiffusionXLInpaintPipeline"}
+    task_pipelines = {"text2image": "StableDiffusionXLPipeline", "image2image": "StableDiffusionXLImg2ImgPipeline",
+                      "inpainting": "StableDiffusionXLInpaintPipeline"}  # the refiner's too
     default_pad_token_id = 0
     default_guidance = 5.0  # StableDiffusionXLPipeline's guidance_scale
     diffusers_scheduler = "EulerDiscreteScheduler"
