@@ -86,6 +86,7 @@ class Model:
         dtype: torch.dtype = torch.float32,
         low_memory: bool = False,
         plain: bool = False,
+        quantize: str | None = None,
     ) -> Model:
         """Load a diffusers folder or a single-file checkpoint.
 
@@ -100,7 +101,9 @@ class Model:
         the UNet's and VAE's weights are packed for oneDNN at their first call; fp32 images stay within
         float rounding of the reference). `plain=True` leaves the networks exactly as the checkpoint built
         them: bit-compatible with diffusers' eager kernels, and what training needs (packed layers hold no
-        weight parameter to train).
+        weight parameter to train). `quantize="int8"` computes the UNet's convolutions and linear layers in
+        int8 (`sdlab.perf.quantize_int8`): with dtype=torch.bfloat16, the fastest and smallest mode on a CPU,
+        at a small cost in fidelity (docs/performance.md).
         """
         ckpt = checkpoints.load_checkpoint(path, family=family, prediction=prediction, variant=variant)
         nets = _meta_networks(ckpt)
@@ -117,14 +120,14 @@ class Model:
                 _assign(net, ckpt.weights[name], dtype, device, where=f"{ckpt.source} ({name})")
         model = cls(ckpt.config, _tokenizers(ckpt.config, ckpt.tokenizer_dirs), nets, source=Path(ckpt.source),
                     residency=residency)
-        return model if plain else optimize(model)
+        return _inference_path(model, plain, quantize)
 
     @classmethod
     def from_name(cls, name: str | Path | None = None, **load_options) -> Model:
         """Resolve what users type for `--model`: None or "builtin" = the model shipped with sdlab;
         "random:<preset>" = random weights of a preset (e.g. "random:sd15", for smoke tests and benchmarks);
         anything else is a path (diffusers folder or single file). Options as `load`'s (random weights: device,
-        dtype and plain)."""
+        dtype, plain and quantize)."""
         if name is None or str(name) == "builtin":
             return cls.load(builtin_model_path(), **load_options)
         if str(name).startswith("random:"):
@@ -137,7 +140,7 @@ class Model:
                 torch.manual_seed(0)
                 model = cls.build(PRESETS[preset], device=load_options.get("device", "cpu"),
                                   dtype=load_options.get("dtype", torch.float32))
-            return model if load_options.get("plain") else optimize(model)
+            return _inference_path(model, load_options.get("plain", False), load_options.get("quantize"))
         return cls.load(name, **load_options)
 
     def save(self, path: str | Path, *, layout: str = "diffusers", dtype: torch.dtype | None = None,
@@ -186,6 +189,14 @@ class Model:
     @property
     def dtype(self) -> torch.dtype:
         return self.residency.dtype if self.residency is not None else next(self.unet.parameters()).dtype
+
+
+def _inference_path(model: Model, plain: bool, quantize: str | None) -> Model:
+    if plain:
+        if quantize is not None:
+            raise ParameterError(f"quantize={quantize!r} needs the fast inference path; it cannot go with plain=True")
+        return model
+    return optimize(model, quantize=quantize)
 
 
 def builtin_model_path() -> Path:

@@ -70,14 +70,15 @@ class StableDiffusionPipeline:
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
                         variant: str | None = None, use_safetensors: bool | None = None, plain: bool = False,
-                        **components) -> StableDiffusionPipeline:
+                        quantize: str | None = None, **components) -> StableDiffusionPipeline:
         """A local diffusers folder, a single checkpoint file, or a Hugging Face model id found in the local
         cache (or downloaded with `huggingface_hub` where a network exists). Networks given by name (e.g.
         `text_encoder_2=base.text_encoder_2, vae=base.vae`, as diffusers' refiner example shares them) replace
         the loaded ones; they must be sdlab networks of the same config. (sdlab reads `.safetensors` before
         `.bin` and `.bin` files only with its safe reader, whatever `use_safetensors` says.) The networks come
-        on sdlab's fast path, as `sdlab.load` gives them; `plain=True` (sdlab's own option) keeps them plain."""
-        model, sampler = _load(path_or_id, torch_dtype, variant, components, plain)
+        on sdlab's fast path, as `sdlab.load` gives them; `plain=True` (sdlab's own option) keeps them plain, and
+        `quantize="int8"` (sdlab's own too) computes the UNet in int8, as `sdlab.load`'s option does."""
+        model, sampler = _load(path_or_id, torch_dtype, variant, components, plain, quantize)
         return cls(model, sampler=sampler)
 
     from_single_file = from_pretrained
@@ -275,8 +276,8 @@ class DiffusionPipeline:
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
                         variant: str | None = None, use_safetensors: bool | None = None, plain: bool = False,
-                        **components) -> StableDiffusionPipeline:
-        model, sampler = _load(path_or_id, torch_dtype, variant, components, plain)
+                        quantize: str | None = None, **components) -> StableDiffusionPipeline:
+        model, sampler = _load(path_or_id, torch_dtype, variant, components, plain, quantize)
         family = families.family_of(model.config)
         name = family.pipeline_class(model.config) if cls.task is None else family.task_pipelines[cls.task]
         return PIPELINE_CLASSES[name](model, sampler=sampler)
@@ -305,10 +306,11 @@ PIPELINE_CLASSES = {cls.__name__: cls for cls in (
     StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline)}
 
 
-def _load(path_or_id, torch_dtype, variant, components: dict, plain: bool) -> tuple[Model, str]:
+def _load(path_or_id, torch_dtype, variant, components: dict, plain: bool, quantize: str | None,
+          ) -> tuple[Model, str]:
     """(the model, the sampler of its folder's scheduler) behind every `from_pretrained`."""
     path = resolve_model_path(path_or_id)
-    model = Model.load(path, variant=variant, dtype=torch_dtype or torch.float32, plain=plain)
+    model = Model.load(path, variant=variant, dtype=torch_dtype or torch.float32, plain=plain, quantize=quantize)
     _share_components(model, components)
     return model, _folder_sampler(path, model)
 

@@ -216,3 +216,16 @@ def test_numbered_names_are_unique_under_concurrent_writers(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / names[0]).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_negative_prompt_flag_and_no_abbreviations(tmp_path, capsys):
+    """`--negative-prompt` (diffusers' and A1111's name) is `--negative`; it once parsed as an abbreviation of
+    `--negative-prompt-2`, which a one-encoder model refuses. Abbreviated flags are not accepted."""
+    code, (by_alias,) = run(capsys, "generate", "a red circle", *TINY, "--seed", 3, "--negative-prompt", "blue",
+                            "--out", tmp_path / "alias")
+    code_2, (by_name,) = run(capsys, "generate", "a red circle", *TINY, "--seed", 3, "--negative", "blue",
+                             "--out", tmp_path / "name")
+    assert code == code_2 == 0 and np.array_equal(pixels(by_alias), pixels(by_name))
+    with pytest.raises(SystemExit):
+        main(["generate", "x", *TINY, "--negative-p", "blue"])
+    assert "unrecognized arguments: --negative-p" in capsys.readouterr().err

@@ -98,7 +98,8 @@ class ModelRegistry:
 
     def _build(self, entry: ModelEntry) -> tuple[Model, ModelInfo]:
         model = Model.from_name(entry.source, dtype=DTYPES[self.settings.dtype], device=self.settings.device,
-                                low_memory=self.settings.low_memory, plain=self.settings.plain)
+                                low_memory=self.settings.low_memory, plain=self.settings.plain,
+                                quantize=self.settings.quantize)
         sha = self._sha256.setdefault(entry.name, model_sha256(model))
         self._configs[entry.name] = model.config
         return model, ModelInfo(entry.name, short_hash(sha))

@@ -42,6 +42,7 @@ class ServerSettings:
     dtype: str = "fp32"
     low_memory: bool = False  # models hold only the running stage's networks in memory (sdlab.residency); no LoRAs
     plain: bool = False  # models on the plain inference path (no packed weights: sdlab.load's plain=True)
+    quantize: str | None = None  # "int8": models compute the UNet in int8 (sdlab.load's quantize)
     log_level: str = "info"
     # Named files clients may use (`<lora:name:w>`): looked up only directly inside these folders.
     lora_dirs: tuple[Path, ...] = ()
