@@ -1,10 +1,11 @@
-"""What the opt-in speedups that change the image cost in prompt adherence: the built-in model's evaluator
+"""What the opt-in speedups that change the image (and the lower precisions) cost in prompt adherence: the built-in model's evaluator
 (scripts/eval_builtin.py, same prompts and seeds) with each speedup against the plain run, and the time per
 64x64 image. For their speed on SD 1.5-sized models see `benchmarks/inference.py --variants
 sdlab,sdlab-deepcache3,sdlab-tome50,diffusers`.
 
     python benchmarks/quality_speedups.py              # 100 prompts of each kind per setting
     python benchmarks/quality_speedups.py --n 200 --markdown runs/quality_speedups.md
+    python benchmarks/quality_speedups.py --only bf16 "bf16, UNet in int8"   # the precisions only
     python benchmarks/quality_speedups.py --tiny-vae runs/tiny-decoder   # also a tiny VAE decoder
                                                     # (scripts/train_tiny_decoder.py distils one)
 
@@ -26,6 +27,8 @@ SETTINGS = {  # label -> eval_builtin.py flags
     "DeepCache, interval 3": ["--deepcache", "3"],
     "token merging 0.3": ["--token-merging", "0.3"],
     "token merging 0.5": ["--token-merging", "0.5"],
+    "bf16": ["--dtype", "bf16"],
+    "bf16, UNet in int8": ["--dtype", "bf16", "--quantize", "int8"],
 }
 TARGETS = (("single", "colour + shape"), ("relation", "all"), ("heldout", "all"))
 
@@ -64,8 +67,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "quality_speedups")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     parser.add_argument("--tiny-vae", help="also measure this tiny VAE decoder")
+    parser.add_argument("--only", nargs="+", choices=list(SETTINGS), help="these settings only (plain always)")
     args = parser.parse_args()
-    settings = dict(SETTINGS)
+    settings = {label: flags for label, flags in SETTINGS.items()
+                if not args.only or label == "plain" or label in args.only}
     if args.tiny_vae:
         settings["tiny VAE decoder"] = ["--tiny-vae", args.tiny_vae]
     results = {label: run(label, flags, args) for label, flags in settings.items()}

@@ -92,6 +92,8 @@ def main() -> None:
     parser.add_argument("--deepcache", type=int, default=1, help="opt-in speedup (see sdlab.deepcache); 1 = off")
     parser.add_argument("--token-merging", type=float, default=0.0, help="opt-in speedup (sdlab.tome); 0 = off")
     parser.add_argument("--tiny-vae", type=Path, help="decode with this tiny VAE decoder (sdlab.nn.tiny_vae)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="compute dtype")
+    parser.add_argument("--quantize", choices=("int8",), help="the UNet in int8 (sdlab.load's quantize)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the images "
                         "(image i of kind k: seed + 10000 k + i)")
     parser.add_argument("--threads", type=int, default=1)
@@ -100,7 +102,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    model = Model.from_name(args.model)
+    model = Model.from_name(args.model, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype],
+                            quantize=args.quantize)
     if args.tiny_vae:
         model.tiny_decoder = load_tiny_decoder(args.tiny_vae)
     params = GenerationParams(steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler, schedule=args.schedule,
@@ -108,7 +111,7 @@ def main() -> None:
     defaults = params.resolved(model.config)  # the model's own CFG scale and schedule where not given
     summary = {"model": str(model.source), "n": args.n, "steps": args.steps, "cfg": defaults.cfg_scale,
                "sampler": args.sampler, "schedule": defaults.schedule, "deepcache": args.deepcache,
-               "token_merging": args.token_merging,
+               "token_merging": args.token_merging, "dtype": args.dtype, "quantize": args.quantize,
                "tiny_vae": str(args.tiny_vae) if args.tiny_vae else None, "seed": args.seed, "accuracy": {}, "targets": {}}
     sheet_images, sheet_labels = [], []
     for kind in args.kinds:
