@@ -25,6 +25,7 @@ Variants:
                 rest in the precision given: bf16 is the fastest mode)
   sdlab-lowmem  the fast path in low-memory mode (sdlab.load(..., low_memory=True)): one stage's networks in
                 memory at a time; each generation converts and packs the UNet again (in "end to end")
+  sdlab-lowmem-int8  both: low-memory mode with the UNet in int8
   sdlab-deepcache3, sdlab-tome50   the fast path plus an opt-in speedup that changes the image (DeepCache with
                 the whole UNet every 3rd step; token merging of half the top level's tokens)
 
@@ -147,8 +148,8 @@ def _load_sdlab(spec: dict):
     dtype = getattr(torch, DTYPES[spec["precision"]])
     variant = spec["variant"]
     model = sdlab.load(spec["model"], dtype=dtype, device=spec["device"],  # converted as it is read; packed
-                       low_memory=variant == "sdlab-lowmem", plain=variant == "sdlab-plain",
-                       quantize="int8" if variant == "sdlab-int8" else None)
+                       low_memory=variant.startswith("sdlab-lowmem"), plain=variant == "sdlab-plain",
+                       quantize="int8" if variant.endswith("int8") else None)
     if variant == "sdlab-compile":
         model = perf.optimize(model, compile=True)
     speedup = QUALITY_TRADES.get(variant, {})
@@ -335,7 +336,7 @@ def parse_args(argv=None):
     p.add_argument("--precisions", help="comma list of fp32, bf16, fp16 (default: fp32,bf16 on CPU, fp16 on GPU)")
     p.add_argument("--variants", default="sdlab,diffusers",
                    help="comma list of sdlab, sdlab-plain, sdlab-compile, sdlab-int8, sdlab-lowmem, "
-                   f"{', '.join(QUALITY_TRADES)}, diffusers")
+                   f"sdlab-lowmem-int8, {', '.join(QUALITY_TRADES)}, diffusers")
     p.add_argument("--size", type=int)
     p.add_argument("--steps", type=int)
     p.add_argument("--cfg", type=float, default=7.5)

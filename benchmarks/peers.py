@@ -143,8 +143,6 @@ def _load_diffusers(spec: dict):
 
 
 def _load_sdlab(spec: dict):
-    import inspect
-
     import numpy as np
     import torch
 
@@ -153,8 +151,6 @@ def _load_sdlab(spec: dict):
     dtype_name, _, quantize = spec["precision"].partition("-")
     options = {}
     if quantize:
-        if "quantize" not in inspect.signature(sdlab.load).parameters:
-            raise Skip(f"this sdlab's load() has no quantize option yet (quantize={quantize!r})")
         options["quantize"] = quantize
     model = sdlab.load(spec["model"], dtype=getattr(torch, DTYPES[dtype_name]), **options)
     params = sdlab.GenerationParams(prompt=PROMPT, negative_prompt=NEGATIVE, width=spec["size"], height=spec["size"],

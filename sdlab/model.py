@@ -24,7 +24,7 @@ from . import checkpoints, families
 from .checkpoints.io import quoted_key
 from .config import PRESETS, ModelConfig
 from .errors import CheckpointError, ParameterError
-from .perf import convert_dtype, optimize, unpack
+from .perf import check_quantization, convert_dtype, optimize, quantize_int8, unpack
 from .residency import Residency, check_memory_mapped
 from .tokenizer import CLIPTokenizer
 
@@ -105,6 +105,7 @@ class Model:
         int8 (`sdlab.perf.quantize_int8`): with dtype=torch.bfloat16, the fastest and smallest mode on a CPU,
         at a small cost in fidelity (docs/performance.md).
         """
+        check_quantization(quantize)
         ckpt = checkpoints.load_checkpoint(path, family=family, prediction=prediction, variant=variant)
         nets = _meta_networks(ckpt)
         check_weights_fit(nets, ckpt)
@@ -117,7 +118,12 @@ class Model:
             residency = Residency(homes, dtype, device)
         else:
             for name, net in nets.items():
-                _assign(net, ckpt.weights[name], dtype, device, where=f"{ckpt.source} ({name})")
+                # An int8 UNet's layers keep the file's weights until their first call, where each converts
+                # and quantizes its own: the UNet is never held whole in `dtype` on its way to int8.
+                deferred = quantize is not None and not plain and name == "unet"
+                _assign(net, ckpt.weights[name], None if deferred else dtype, device, where=f"{ckpt.source} ({name})")
+                if deferred:
+                    convert_dtype(quantize_int8(net), dtype, pack=True)
         model = cls(ckpt.config, _tokenizers(ckpt.config, ckpt.tokenizer_dirs), nets, source=Path(ckpt.source),
                     residency=residency)
         return _inference_path(model, plain, quantize)

@@ -61,8 +61,7 @@ def optimize(model, dtype: torch.dtype | None = None, *, quantize: str | None = 
     quantize: "int8" computes the UNet's convolutions and linear layers in int8 (`quantize_int8`; CPU, fp32 or
     bf16 weights; the fastest mode with bf16).
     """
-    if quantize is not None and quantize not in QUANTIZATIONS:
-        raise ParameterError(f"quantize must be one of {', '.join(QUANTIZATIONS)} (or None), got {quantize!r}")
+    check_quantization(quantize)
     if dtype is not None:
         if dtype not in _DTYPES:
             raise ParameterError(f"optimize: dtype must be one of {_DTYPES}, got {dtype}")
@@ -454,6 +453,11 @@ def unpack(module: nn.Module) -> nn.Module:
 _KEPT_IN_FLOAT = ("conv_in", "conv_out", "time_embedding", "add_embedding", "time_emb_proj")
 _INT8 = {nn.Conv2d: Int8Conv2d, PackedConv2d: Int8Conv2d, nn.Linear: Int8Linear, PackedLinear: Int8Linear}
 QUANTIZATIONS = ("int8",)
+
+
+def check_quantization(quantize: str | None) -> None:
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise ParameterError(f"quantize must be one of {', '.join(QUANTIZATIONS)} (or None), got {quantize!r}")
 
 
 def quantize_int8(unet: nn.Module) -> nn.Module:
