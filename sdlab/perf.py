@@ -1,5 +1,5 @@
-"""Inference speed-ups for a loaded `Model`: `optimize(model)`, which `sdlab.load` applies by default, and
-`optimize(model, dtype=torch.bfloat16)`.
+"""Inference speed-ups for a loaded `Model`: `optimize(model)`, which `sdlab.load` applies by default,
+`optimize(model, dtype=torch.bfloat16)` and `optimize(model, quantize="int8")`.
 
 Without a dtype change the levers keep the numbers: fp32 images stay within float rounding of the reference
 (~1e-5 on the networks' outputs), so loading uses them unless asked for the plain path
@@ -20,11 +20,15 @@ switch them one at a time and docs/performance.md reports what each is worth on 
   already, and an upcast measured no more accurate once the output is rounded back to bf16 (the built-in
   model's images: the same distance from fp32 with and without it), while in SDXL's profile it took
   attention from 9% to 17% of a UNet step (`benchmarks/attention_upcast.py`);
+- `quantize_int8` (opt-in, `sdlab.load(path, quantize="int8")`): the UNet's convolutions and linear layers
+  in int8 on oneDNN's VNNI kernels (`Int8Conv2d`, `Int8Linear`: packed layers too): ~1.3x bf16's UNet
+  step and 1 byte a weight, images a little further from fp32's than bf16's (docs/performance.md);
 - `compile_unet`: torch.compile (inductor) of the UNet. Works offline (it needs a C++ compiler), but costs
   minutes of compilation on a small CPU; off by default.
 
-Changing the dtype changes the numbers (bf16 images differ from fp32 by a few 8-bit levels); the other
-levers keep fp32 results within float rounding of the default path (tests/test_perf.py).
+Changing the dtype changes the numbers (bf16 images differ from fp32 by a few 8-bit levels), and so does
+int8 (~twice bf16's difference; tests/test_int8.py); the other levers keep fp32 results within float rounding
+of the default path (tests/test_perf.py).
 """
 
 from __future__ import annotations
