@@ -293,8 +293,18 @@ def measure(args, model: str, workdir: str) -> dict:
     return runs
 
 
-def _median(results: list[dict], key: str) -> float:
-    return statistics.median(r[key] for r in results)
+def median_of(results: list[dict], key: str) -> float | None:
+    """The median of `key` over the repeats' results, leaving out those without it (None: none has it)."""
+    values = [r[key] for r in results if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def report(script: str, argv: list[str] | None, text: str, markdown: str | None) -> None:
+    """Print the command line that made `text` (a table) and the table; also write both to `markdown`."""
+    command = f"python benchmarks/{Path(script).name} " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(f"\n{command}\n\n{text}")
+    if markdown:
+        Path(markdown).write_text(f"`{command}`\n\n{text}\n")
 
 
 def table(args, runs: dict, flop: float) -> str:
@@ -304,7 +314,7 @@ def table(args, runs: dict, flop: float) -> str:
     rows = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (variant, precision), results in runs.items():
         keys = ("step_s", "e2e_s", "first_s", "load_s", "rss_gb", "ceiling_tflops")
-        m = {key: _median(results, key) for key in keys}
+        m = {key: median_of(results, key) for key in keys}
         tflops = flop / m["step_s"] / 1e12
         peak = args.peaks.get(precision)
         if peak and args.device == "cpu" and args.threads:  # the peaks are for both cores
@@ -312,14 +322,14 @@ def table(args, runs: dict, flop: float) -> str:
         ref = runs.get(("diffusers", precision))
         ratio = rss = diff = "-"
         if ref and variant != "diffusers":
-            ratio = f"{m['step_s'] / _median(ref, 'step_s'):.2f} / {m['e2e_s'] / _median(ref, 'e2e_s'):.2f}"
-            rss = f"{m['rss_gb'] / _median(ref, 'rss_gb'):.2f}"
+            ratio = f"{m['step_s'] / median_of(ref, 'step_s'):.2f} / {m['e2e_s'] / median_of(ref, 'e2e_s'):.2f}"
+            rss = f"{m['rss_gb'] / median_of(ref, 'rss_gb'):.2f}"
             diff = str(pixel_diff(results[0]["image"], ref[0]["image"]))
         if precision != "fp32" and (variant, "fp32") in runs:
             diff += f" (vs its fp32: {pixel_diff(results[0]['image'], runs[(variant, 'fp32')][0]['image'])})"
         memory = f"{m['rss_gb']:.2f}"
         if "gpu_peak_gb" in results[0]:
-            memory += f" (GPU {_median(results, 'gpu_peak_gb'):.2f})"
+            memory += f" (GPU {median_of(results, 'gpu_peak_gb'):.2f})"
         rows.append(f"| {variant} | {precision} | {m['step_s']:.3f} | {m['e2e_s']:.2f} | {m['first_s']:.2f} "
                     f"| {m['load_s']:.1f} | {memory} | {tflops:.3f} "
                     f"| {f'{100 * tflops / peak:.0f}%' if peak else '-'} "
@@ -392,10 +402,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as workdir:
         runs = measure(args, model, workdir)
         text = table(args, runs, flop)
-    command = "python benchmarks/inference.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(f"\n{command}\n\n{text}")
-    if args.markdown:
-        Path(args.markdown).write_text(f"`{command}`\n\n{text}\n")
+    report(__file__, argv, text, args.markdown)
     return 0
 
 

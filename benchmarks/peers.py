@@ -53,7 +53,6 @@ import importlib.util
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -329,17 +328,12 @@ def measure(args, model: str, engines: list[Engine], exports: dict[str, str], wo
     return runs
 
 
-def _median(results: list[dict], key: str) -> float | None:
-    values = [r[key] for r in results if r[key] is not None]
-    return statistics.median(values) if values else None
-
-
 def table(runs: dict) -> str:
     rows = ["| engine | precision | threads | s/image (warm) | s/step | first call (s) | load (s) | peak RSS (GB) "
             "| max px diff vs diffusers fp32 |", "|---|---|---|---|---|---|---|---|---|"]
     for (name, threads), results in runs.items():
         engine = ENGINES[name]
-        m = {key: _median(results, key) for key in ("image_s", "step_s", "first_s", "load_s", "rss_gb")}
+        m = {key: inference.median_of(results, key) for key in ("image_s", "step_s", "first_s", "load_s", "rss_gb")}
         reference = runs.get((REFERENCE, threads)) or next(
             (r for (n, _), r in runs.items() if n == REFERENCE), None)
         if engine.kind in OWN_RNG:
@@ -411,10 +405,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as workdir:
         runs = measure(args, model, engines, exports, workdir)
         text = table(runs)
-    command = "python benchmarks/peers.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(f"\n{command}\n\n{text}")
-    if args.markdown:
-        Path(args.markdown).write_text(f"`{command}`\n\n{text}\n")
+    inference.report(__file__, argv, text, args.markdown)
     return 0
 
 

@@ -348,6 +348,7 @@ class _Int8Weight(_PackedWeight):
     # one-sided inputs (after SiLU) about one bit; the UNet's outputs measured as close to fp32 as with
     # per-call asymmetric codes (3.6% vs 3.4% relative error on the built-in model).
     weight_scale: torch.Tensor | None = None  # (out,) fp32
+    weight_zero_points: torch.Tensor | None = None  # (out,) int64 zeros: oneDNN's argument for symmetric weights
     compute_dtype: torch.dtype | None = None  # the dtype of the weight it was quantized from
 
     def _dtype(self) -> torch.dtype:
@@ -363,6 +364,7 @@ class _Int8Weight(_PackedWeight):
         weight = weight.float()
         amax = weight.abs().amax(dim=tuple(range(1, weight.ndim))).clamp_min(torch.finfo(torch.float32).tiny)
         self.weight_scale = amax / 127
+        self.weight_zero_points = torch.zeros(len(amax), dtype=torch.long)
         codes = torch.round(weight / self.weight_scale.view(-1, *[1] * (weight.ndim - 1))).to(torch.int8)
         return codes.contiguous()  # oneDNN's prepacking reads the memory as row-major, whatever the strides
 
@@ -404,9 +406,8 @@ class Int8Conv2d(_Int8Weight, nn.Conv2d):
             self._pack_from(x)
         codes, scale = self._activation(x.contiguous(memory_format=torch.channels_last))
         return torch.ops.onednn.qconv2d_pointwise(
-            codes, scale, ZERO_POINT, self.packed, self.weight_scale, torch.zeros(self.out_channels, dtype=torch.long),
-            self.bias, list(self.stride), list(self.padding), list(self.dilation), self.groups, 1.0, 0, x.dtype, "none",
-            [], "")
+            codes, scale, ZERO_POINT, self.packed, self.weight_scale, self.weight_zero_points, self.bias,
+            list(self.stride), list(self.padding), list(self.dilation), self.groups, 1.0, 0, x.dtype, "none", [], "")
 
 
 class Int8Linear(_Int8Weight, nn.Linear):
@@ -427,8 +428,8 @@ class Int8Linear(_Int8Weight, nn.Linear):
             self._pack_from(x)
         codes, scale = self._activation(x)
         return torch.ops.onednn.qlinear_pointwise(
-            codes, scale, ZERO_POINT, self.packed, self.weight_scale, torch.zeros(self.out_features, dtype=torch.long),
-            self.bias, 1.0, 0, x.dtype, "none", [], "")
+            codes, scale, ZERO_POINT, self.packed, self.weight_scale, self.weight_zero_points, self.bias, 1.0, 0,
+            x.dtype, "none", [], "")
 
 
 _PACKED = {nn.Conv2d: PackedConv2d, nn.Linear: PackedLinear}
