@@ -6,10 +6,20 @@
     result.images[0].save("lighthouse.png")
 
 Diffusers-style pipelines (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`, their Img2Img / Inpaint
-classes and `DiffusionPipeline`) are there too for existing scripts.
+classes and `DiffusionPipeline`) are there too for existing scripts, and so are diffusers' ControlNet classes
+(`ControlNetModel`, `StableDiffusionControlNetPipeline` and its Img2Img / Inpaint / SDXL variants).
 """
 
 from .config import PRESETS, ModelConfig
+from .control.pipelines import (
+    ControlNetModel,
+    MultiControlNetModel,
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetInpaintPipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionXLControlNetImg2ImgPipeline,
+    StableDiffusionXLControlNetPipeline,
+)
 from .generation import GenerationResult, StepInfo, decode_latents, generate
 from .model import Model
 from .params import GenerationParams
@@ -35,5 +45,8 @@ __all__ = [
     "decode_latents", "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline", "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
     "StableDiffusionXLInpaintPipeline", "DiffusionPipeline", "AutoPipelineForText2Image",
-    "AutoPipelineForImage2Image", "AutoPipelineForInpainting",
+    "AutoPipelineForImage2Image", "AutoPipelineForInpainting", "ControlNetModel", "MultiControlNetModel",
+    "StableDiffusionControlNetPipeline", "StableDiffusionControlNetImg2ImgPipeline",
+    "StableDiffusionControlNetInpaintPipeline", "StableDiffusionXLControlNetPipeline",
+    "StableDiffusionXLControlNetImg2ImgPipeline",
 ]  # fmt: skip

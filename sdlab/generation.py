@@ -145,7 +145,7 @@ def sample_batch(model, prompts: list[str], negatives: list[str], params: Genera
     `denoising_start` stand for an image's latents (img2img: noised to the first step's level, as an encoded
     image would be). `zero_empty_negatives` overrides the family's rule for empty negative prompts (SDXL
     base: zeros; diffusers encodes a negative prompt given as "")."""
-    networks = [*model.components.values(), model.tiny_decoder]
+    networks = [*model.components.values(), model.tiny_decoder, *(unit.net for unit in params.control)]
     if refiner is not None:
         networks += refiner.components.values()
     with abort_between_blocks(networks, abort):
@@ -214,6 +214,7 @@ def _sample_batch(model, texts, params, generator, callback, interrupt, refiner,
     unet = model.unet if params.deepcache == 1 else DeepCacheUNet(model.unet, params.deepcache)
     denoiser = ModelDenoiser(unet, schedule, model.config.prediction, quantize=spec.quantize(params.schedule))
     cond, uncond = _conditionings(model, texts, params, zero_empty_negatives)
+    cond, uncond = _with_control(model, params, cond, uncond, sigmas[start:end + 1])
     if window.start is not None and init_latents is not None:  # continue a run that stopped at sigmas[start]
         x = vp_to_ve(_batch_of(init_latents, len(cond)).to(model.device, model.dtype), sigmas[start])
         denoiser = _guided(denoiser, cond, uncond, params)
@@ -313,6 +314,19 @@ def _conditionings(model, texts: _Texts, params, zero_empty_negatives=None):
             model, texts.prompts, texts.negatives if guided else None, params, prompts_2=texts.prompts_2,
             negatives_2=texts.negatives_2 if guided else None, zero_empty_negatives=zero_empty_negatives)
     _check_finite(cond.context, "the text encoder's output")
+    return cond, uncond
+
+
+def _with_control(model, params, cond, uncond, run_sigmas):
+    """cond and uncond with the request's control units bound to them (each unit's step window is over the
+    steps this run takes: for img2img, the last `strength` fraction, as diffusers counts them)."""
+    if not params.control:
+        return cond, uncond
+    bound = [unit.bind(len(cond), params.width, params.height, run_sigmas, uncond is not None, model.device,
+                       model.dtype) for unit in params.control]
+    cond = cond.replace(control=tuple(c for c, _ in bound))
+    if uncond is not None:
+        uncond = uncond.replace(control=tuple(u for _, u in bound))
     return cond, uncond
 
 

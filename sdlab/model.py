@@ -235,7 +235,7 @@ def check_weights_fit(nets: dict[str, nn.Module], ckpt: checkpoints.LoadedCheckp
     if missing:
         raise CheckpointError(f"{ckpt.source}: no weights for the components {missing}")
     for name, net in nets.items():
-        _check_fit(net, ckpt.weights[name], where=f"{ckpt.source} ({name})")
+        check_network_weights(net, ckpt.weights[name], where=f"{ckpt.source} ({name})")
 
 
 def _meta_networks(ckpt: checkpoints.LoadedCheckpoint) -> dict[str, nn.Module]:
@@ -246,7 +246,7 @@ def _meta_networks(ckpt: checkpoints.LoadedCheckpoint) -> dict[str, nn.Module]:
         raise CheckpointError(f"{ckpt.source}: its config describes networks sdlab cannot build: {e}") from e
 
 
-def _check_fit(net: nn.Module, state: dict[str, torch.Tensor], *, where: str) -> None:
+def check_network_weights(net: nn.Module, state: dict[str, torch.Tensor], *, where: str) -> None:
     """The names, shapes and dtype kinds of `state` against `net`'s own (meta) state dict."""
     expected = net.state_dict()
     missing = sorted(set(expected) - set(state))

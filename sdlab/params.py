@@ -81,6 +81,9 @@ class GenerationParams:
     # With a refiner model (`generate(..., refiner=...)`): the fraction of the schedule after which it takes
     # over (A1111's refiner_switch_at; None: DEFAULT_REFINER_SWITCH, 0.8).
     refiner_switch_at: float | None = None
+    # Control units (sdlab.control.ControlUnit: a ControlNet or T2I-Adapter with its control image, weight,
+    # step window and mode); several sum their residuals. They steer the base model only, not a refiner.
+    control: tuple = ()
 
     @property
     def mode(self) -> str:
@@ -142,6 +145,17 @@ class GenerationParams:
             raise ParameterError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
         self._validate_images(config)
         self._validate_size_conditions()
+        self._validate_control(config)
+
+    def _validate_control(self, config: ModelConfig) -> None:
+        from .control.unit import MAX_UNITS, ControlUnit  # (sdlab.control loads networks: import when used)
+
+        if not isinstance(self.control, (tuple, list)) or len(self.control) > MAX_UNITS:
+            raise ParameterError(f"control must be a tuple of at most {MAX_UNITS} sdlab.control.ControlUnit")
+        for i, unit in enumerate(self.control):
+            if not isinstance(unit, ControlUnit):
+                raise ParameterError(f"control[{i}] must be an sdlab.control.ControlUnit, got {type(unit).__name__}")
+            unit.validate(config, i)
 
     def _validate_size_conditions(self) -> None:
         for name in ("original_size", "target_size", "negative_original_size", "negative_target_size",

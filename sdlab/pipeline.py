@@ -102,12 +102,14 @@ class StableDiffusionPipeline:
                  num_inference_steps: int = 50, guidance_scale: float | None = None, height: int | None = None,
                  width: int | None = None, num_images_per_prompt: int = 1, generator=None, eta: float = 0.0,
                  guidance_rescale: float = 0.0, clip_skip: int | None = None, callback_on_step_end=None,
-                 output_type: str = "pil", **_ignored) -> PipelineOutput:
+                 output_type: str = "pil", control: tuple = (), **_ignored) -> PipelineOutput:
+        """diffusers' arguments; `control` (sdlab's own) takes `sdlab.control.ControlUnit`s, as the ControlNet
+        pipelines pass them."""
         return self._run(prompt, negative_prompt or "", image=image, mask_image=mask_image, strength=strength,
                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
                          width=width, num_images_per_prompt=num_images_per_prompt, generator=generator, eta=eta,
                          guidance_rescale=guidance_rescale, clip_skip=clip_skip, output_type=output_type,
-                         callback_on_step_end=callback_on_step_end)
+                         callback_on_step_end=callback_on_step_end, control=tuple(control))
 
     def _run(self, prompt, negative_prompt, *, image, mask_image, strength, num_inference_steps, guidance_scale,
              height, width, num_images_per_prompt, generator, eta, guidance_rescale, clip_skip, output_type,
@@ -199,7 +201,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                  negative_crops_coords_top_left: tuple[int, int] = (0, 0),
                  negative_target_size: tuple[int, int] | None = None, aesthetic_score: float = 6.0,
                  negative_aesthetic_score: float = 2.5, clip_skip: int | None = None,
-                 callback_on_step_end=None, **_ignored) -> PipelineOutput:
+                 callback_on_step_end=None, control: tuple = (), **_ignored) -> PipelineOutput:
         prompt_2, negative_prompt_2 = self._second_prompts(prompt, prompt_2, negative_prompt, negative_prompt_2)
         conditions = self._size_conditions(original_size, crops_coords_top_left, target_size,
                                            negative_original_size, negative_crops_coords_top_left,
@@ -214,7 +216,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                          # diffusers zeroes only a negative prompt that was not given (force_zeros_for_empty_prompt)
                          zero_empty_negatives=None if negative_prompt is None else False,
                          prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, aesthetic_score=aesthetic_score,
-                         negative_aesthetic_score=negative_aesthetic_score,
+                         negative_aesthetic_score=negative_aesthetic_score, control=tuple(control),
                          **conditions)
 
     def _second_prompts(self, prompt, prompt_2, negative_prompt, negative_prompt_2):

@@ -118,8 +118,11 @@ def test_masked_denoiser_keeps_the_unmasked_region(sampler):
 
 
 def test_conditioning_parts_are_batched_for_guidance_in_one_place_and_reach_the_network():
-    """The pooled/added vector and control residuals (SDXL, ControlNet) travel with the context: joined as
-    [uncond; cond] for one CFG call and passed to the network by name; unset parts are not passed."""
+    """The pooled/added vector and control units (SDXL, ControlNet / T2I-Adapter) travel with the context:
+    joined as [uncond; cond] for one CFG call and passed to the network by name (the units as the residuals
+    they make); unset parts are not passed."""
+    from sdlab.diffusion.control import BoundControl
+
     seen = {}
 
     def net(x_in, t, context, **inputs):
@@ -127,15 +130,16 @@ def test_conditioning_parts_are_batched_for_guidance_in_one_place_and_reach_the_
         return torch.zeros(x_in.shape[0], 4, *x_in.shape[2:])
 
     def conditioning(value):
-        return Conditioning(torch.full((1, 3, 8), value), added=torch.full((1, 6), value),
-                            control=(torch.full((1, 2, 4, 4), value),))
+        adapter = BoundControl(torch.nn.Identity(), (torch.full((1, 2, 4, 4), value),), torch.ones(1),
+                               sigmas=torch.tensor([10.0, 0.0]))  # (features given: a T2I-Adapter's)
+        return Conditioning(torch.full((1, 3, 8), value), added=torch.full((1, 6), value), control=(adapter,))
 
     uncond, cond = conditioning(0.0), conditioning(1.0)
     GuidedDenoiser(ModelDenoiser(net, SCHEDULE), cond, uncond, scale=5.0)(torch.randn(1, 4, 4, 4), 2.0)
     assert seen["context"][:, 0, 0].tolist() == [0.0, 1.0] and seen["added"][:, 0].tolist() == [0.0, 1.0]
-    assert seen["control"][0][:, 0, 0, 0].tolist() == [0.0, 1.0]
+    assert seen["control"].encoder[0][:, 0, 0, 0].tolist() == [0.0, 1.0]
     both = batch_for_guidance(uncond, cond)
-    assert all(torch.equal(a, b) for a, b in zip(both.chunk(2)[1].control, cond.control, strict=True))
+    assert torch.equal(both.chunk(2)[1].control[0].inputs[0], cond.control[0].inputs[0])
     assert Conditioning(torch.zeros(1, 3, 8)).network_inputs() == {}
     with pytest.raises(ParameterError, match="added"):
         batch_for_guidance(Conditioning(torch.zeros(1, 3, 8)), cond)

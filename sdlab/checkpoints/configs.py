@@ -148,6 +148,37 @@ def _added_condition(d: Mapping[str, Any], where: str, added_time_ids: int) -> d
     }
 
 
+def controlnet_from_diffusers(d: Mapping[str, Any], where: str = "controlnet/config.json", *,
+                              added_time_ids: int = 6):
+    """A ControlNetModel config dict -> ControlNetConfig: the UNet fields as `unet_from_diffusers` reads them
+    (a ControlNet has no decoder: out_channels is the latents'), plus the hint encoder's."""
+    from ..nn.controlnet import CHANNEL_ORDERS, ControlNetConfig  # (the config module stays network-free)
+
+    unet = unet_from_diffusers({**d, "out_channels": d.get("in_channels", 4)}, where, added_time_ids=added_time_ids)
+    widths = _value(d, "conditioning_embedding_out_channels", where, [16, 32, 96, 256])
+    low, high = SIZE_LIMITS["channels"]
+    if not (isinstance(widths, list) and 1 <= len(widths) <= 8 and all(_is_int(c) and low <= c <= high for c in widths)):
+        raise CheckpointError(f"{where}: conditioning_embedding_out_channels must be a list of 1 to 8 integers "
+                              f"from {low} to {high}")
+    order = _value(d, "controlnet_conditioning_channel_order", where, "rgb")
+    if order not in CHANNEL_ORDERS:
+        raise CheckpointError(f"{where}: controlnet_conditioning_channel_order must be one of {CHANNEL_ORDERS}")
+    return _build(ControlNetConfig, where, unet=unet,
+                  conditioning_channels=_int(d, "conditioning_channels", where, 3, "image_channels"),
+                  embedding_channels=tuple(widths), global_pool=_bool(d, "global_pool_conditions", where, False),
+                  channel_order=order)
+
+
+def controlnet_to_diffusers(cfg) -> dict[str, Any]:
+    """A ControlNetModel config.json dict for a ControlNetConfig."""
+    unet = unet_to_diffusers(cfg.unet, 64)
+    for decoder_only in ("out_channels", "up_block_types", "sample_size", "center_input_sample"):
+        unet.pop(decoder_only, None)
+    return {**unet, "_class_name": "ControlNetModel", "conditioning_channels": cfg.conditioning_channels,
+            "conditioning_embedding_out_channels": list(cfg.embedding_channels),
+            "global_pool_conditions": cfg.global_pool, "controlnet_conditioning_channel_order": cfg.channel_order}
+
+
 def unet_sample_size(d: Mapping[str, Any], where: str = "unet/config.json") -> int:
     """The latent side the UNet was trained at (`sample_size`, 64 when absent)."""
     value = d.get("sample_size", 64)

@@ -69,10 +69,10 @@ def read_folder(
 
 def read_folder_config(folder: Path) -> ModelConfig:
     """The ModelConfig of a diffusers folder, from its model index and component configs (no weights read)."""
-    index = _read_json(folder / MODEL_INDEX)
+    index = read_json(folder / MODEL_INDEX)
     # Detection looks at the config.json of the networks the index names (SD 2.x: its text encoder's).
     known = {name for family in families.FAMILIES.values() for name in family.components}
-    named = {name: _read_json(folder / name / "config.json") for name in index
+    named = {name: read_json(folder / name / "config.json") for name in index
              if name in known and names_component(index, name)}
     family = families.detect_folder(index, named, str(folder / MODEL_INDEX))
     _check_model_index(index, family, folder / MODEL_INDEX)
@@ -86,7 +86,7 @@ def read_folder_config(folder: Path) -> ModelConfig:
         pad = (family.default_pad_token_id if default_pad is None else default_pad) if pad is None else pad
         networks[name] = component.read_config(named[name], where, pad)
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
-    scheduler = _read_json(scheduler_file) if os.path.lexists(scheduler_file) else {}
+    scheduler = read_json(scheduler_file) if os.path.lexists(scheduler_file) else {}
     schedule, prediction = configs.schedule_from_diffusers(scheduler, str(scheduler_file))
     unet_file = folder / "unet" / "config.json"
     config = configs.model_config(
@@ -161,7 +161,7 @@ def _check_component_folder(component_dir: Path) -> None:
 
 def _shards(index_file: Path) -> list[Path]:
     """The shard files an `*.index.json` names, all checked to be plain files inside its folder."""
-    weight_map = _read_json(index_file).get("weight_map")
+    weight_map = read_json(index_file).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_file}: no 'weight_map' in the shard index")
     names = set(weight_map.values())
@@ -180,10 +180,10 @@ def _shards(index_file: Path) -> list[Path]:
 
 def tokenizer_pad_token_id(tokenizer_dir: Path) -> int | None:
     """The id of the padding token named by special_tokens_map.json (or tokenizer_config.json)."""
-    vocab = _read_json(tokenizer_dir / "vocab.json")
+    vocab = read_json(tokenizer_dir / "vocab.json")
     for file in ("special_tokens_map.json", "tokenizer_config.json"):
         if os.path.lexists(tokenizer_dir / file):
-            pad = _read_json(tokenizer_dir / file).get("pad_token")
+            pad = read_json(tokenizer_dir / file).get("pad_token")
             if isinstance(pad, dict):
                 pad = pad.get("content")
             if pad is None:
@@ -220,7 +220,7 @@ def _check_model_index(index: Mapping[str, Any], family: Family, where: Path) ->
             )
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     """A JSON object from a regular file of at most MAX_JSON_BYTES; errors say what is wrong, never quote it."""
     if not os.path.lexists(path):
         raise CheckpointError(f"{path}: missing")
@@ -253,13 +253,13 @@ def write_folder(
     """Write a diffusers folder that `StableDiffusionPipeline.from_pretrained` loads (atomically)."""
     suffix = f".{variant}" if variant else ""
     with atomic_folder(folder, overwrite=overwrite) as tmp:
-        _write_json(tmp / MODEL_INDEX, _model_index(config))
+        write_json(tmp / MODEL_INDEX, _model_index(config))
         family = families.family_of(config)
         scheduler = configs.schedule_to_diffusers(config.schedule, config.prediction, family.diffusers_scheduler)
-        _write_json(tmp / "scheduler" / "scheduler_config.json", scheduler)
+        write_json(tmp / "scheduler" / "scheduler_config.json", scheduler)
         for name, component in family.components.items():
             network = config.network(name)
-            _write_json(tmp / name / "config.json", component.write_config(network, config))
+            write_json(tmp / name / "config.json", component.write_config(network, config))
             if component.tokenizer:
                 write_tokenizer(tmp / component.tokenizer, network.pad_token_id, network.max_length)
             tensors = cast(components[name], dtype)
@@ -276,8 +276,8 @@ def write_tokenizer(folder: Path, pad_token_id: int, max_length: int) -> None:
     if pad_token_id not in id_to_token:
         raise CheckpointError(f"pad_token_id {pad_token_id} is not in the CLIP vocabulary (0..{len(id_to_token) - 1})")
     special = {**SPECIAL_TOKENS, "pad_token": id_to_token[pad_token_id]}
-    _write_json(folder / "special_tokens_map.json", special)
-    _write_json(folder / "tokenizer_config.json", {
+    write_json(folder / "special_tokens_map.json", special)
+    write_json(folder / "tokenizer_config.json", {
         **special,
         "tokenizer_class": "CLIPTokenizer",
         "model_max_length": max_length,
@@ -311,6 +311,6 @@ def _model_index(config: ModelConfig) -> dict[str, Any]:
     }
 
 
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

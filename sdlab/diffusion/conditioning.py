@@ -6,7 +6,8 @@
 
 Fields a family does not use are None. SD 1.x/2.x condition on the cross-attention context only (plus the
 concatenated mask channels of inpainting models); SDXL adds a pooled text embedding and six size/crop
-numbers as `added`; ControlNet residuals go in `control`. As in Stability's `sgm` GeneralConditioner,
+numbers as `added`; control units (ControlNet, T2I-Adapter: `sdlab.diffusion.control.BoundControl`) go
+in `control`, and the denoiser turns them into the UNet's residuals at every evaluation. As in Stability's `sgm` GeneralConditioner,
 each part is merged by its role, so a new kind of conditioning is a new field rather than a new argument
 threaded through every signature.
 """
@@ -19,7 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+from sdlab.diffusion.control import BoundControl
 from sdlab.errors import ParameterError
+from sdlab.nn.unet import ControlResiduals
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,7 @@ class Conditioning:
     context: torch.Tensor  # (B, T, D) cross-attention context: text encoder hidden states
     added: torch.Tensor | None = None  # (B, N) a vector added to the time embedding (SDXL: pooled + sizes)
     concat: torch.Tensor | None = None  # (B, C, h, w) extra input channels (inpainting: mask + masked image)
-    control: tuple[torch.Tensor, ...] | None = None  # residuals for the UNet's skip connections (ControlNet)
+    control: tuple[BoundControl, ...] | None = None  # control units (ControlNet, T2I-Adapter), in order
 
     def __len__(self) -> int:
         return self.context.shape[0]
@@ -38,8 +41,8 @@ class Conditioning:
         return dataclasses.replace(self, **changes)
 
     def network_inputs(self) -> dict[str, object]:
-        """What the network takes beyond (x, t, context): only the parts that are set, by name."""
-        return {name: value for name in ("added", "control") if (value := getattr(self, name)) is not None}
+        """What the network takes beyond (x, t, context) and the control residuals: the parts that are set."""
+        return {} if self.added is None else {"added": self.added}
 
     def chunk(self, n: int) -> list[Conditioning]:
         """Split into `n` equal batches (the inverse of `cat`)."""
@@ -60,7 +63,7 @@ def cat(conditionings: Sequence[Conditioning]) -> Conditioning:
         elif any(v is None for v in values):
             raise ParameterError(f"Conditioning.{name} is set in some of the batches to join but not in all")
         elif name == "control":
-            merged[name] = tuple(torch.cat(parts) for parts in zip(*values, strict=True))
+            merged[name] = tuple(BoundControl.cat(list(parts)) for parts in zip(*values, strict=True))
         else:
             merged[name] = torch.cat(values)
     return Conditioning(**merged)
@@ -80,14 +83,18 @@ def split_guidance(both: Conditioning, guided: bool) -> tuple[Conditioning, Cond
     return cond, uncond
 
 
-def run_network(network: Callable, x_in: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-    """network(x_in (B, C, h, w), t (B,), context, **the other parts that are set) -> eps or v."""
-    return network(x_in, t, cond.context, **cond.network_inputs())
+def run_network(network: Callable, x_in: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                control: ControlResiduals | None = None) -> torch.Tensor:
+    """network(x_in (B, C, h, w), t (B,), context, **the other parts that are set, control=...) -> eps or v."""
+    inputs = cond.network_inputs()
+    if control is not None:
+        inputs["control"] = control
+    return network(x_in, t, cond.context, **inputs)
 
 
 def _chunk(value, n: int):
     if value is None:
         return [None] * n
-    if isinstance(value, tuple):  # control residuals: split each, regroup per batch
+    if isinstance(value, tuple):  # control units: split each, regroup per batch
         return [tuple(parts) for parts in zip(*(v.chunk(n) for v in value), strict=True)]
     return list(value.chunk(n))

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 
 from sdlab.diffusion.conditioning import Conditioning, batch_for_guidance, run_network
+from sdlab.diffusion.control import control_residuals
 from sdlab.diffusion.parameterization import PARAMETERIZATIONS, get_parameterization
 from sdlab.diffusion.schedules import NoiseSchedule
 
@@ -60,9 +61,13 @@ class ModelDenoiser:
     def network_output(self, x, sigma, cond: Conditioning) -> torch.Tensor:
         """The raw network output (eps or v) at x, for per-sample sigmas (B,)."""
         x_in = x * _bcast(self.parameterization.c_in(sigma), x)  # the DDPM latent
+        t = self.sigma_to_t(sigma)
+        # Control networks read the 4-channel latent, also for inpainting models (as diffusers' pipelines).
+        control = None if cond.control is None else control_residuals(cond.control, x_in, t, sigma, cond.context,
+                                                                       cond.added)
         if cond.concat is not None:
             x_in = torch.cat([x_in, cond.concat.to(x_in.dtype)], dim=1)  # (B, 4 + 5, h, w) for inpainting models
-        return run_network(self.network, x_in, self.sigma_to_t(sigma), cond)
+        return run_network(self.network, x_in, t, cond, control)
 
     def to_denoised(self, x, sigma, output) -> torch.Tensor:
         """x0 from the network output at x, for per-sample sigmas (B,)."""

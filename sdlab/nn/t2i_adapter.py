@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdlab.checkpoints.diffusers_folder import _read_json, read_component_weights
+from sdlab.checkpoints.diffusers_folder import read_json, read_component_weights
 from sdlab.checkpoints.io import quoted_key, read_state_dict
 from sdlab.errors import CheckpointError, ParameterError
 
@@ -210,7 +210,7 @@ def read_t2i_adapter(path: str | Path, *, variant: str | None = None
     path = Path(path)
     if path.is_dir():
         config_file = path / "config.json"
-        raw = _read_json(config_file)
+        raw = read_json(config_file)
         if raw.get("_class_name", "T2IAdapter") != "T2IAdapter":
             raise CheckpointError(f"{config_file}: not a T2IAdapter config (its _class_name is not 'T2IAdapter')")
         try:
