@@ -12,11 +12,14 @@ Models"), attention (Vaswani et al. 2017), GEGLU (Shazeer 2020, "GLU Variants Im
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sdlab.errors import ParameterError
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -109,6 +112,33 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upc
     return out.transpose(1, 2).reshape(batch, q_len, inner).to(dtype)  # (B, Tq, heads * head_dim)
 
 
+@dataclass(frozen=True, eq=False)
+class IPAttention:
+    """IP-Adapter's decoupled cross-attention for one cross-attention layer (Ye et al. 2023, eq. 5):
+    out = Attn(q, K_text, V_text) + scale * Attn(q, to_k(image), to_v(image)), before the output projection.
+
+    The image tokens ride at the end of the context, (B, T_text + tokens, D), so that the networks keep their
+    signature; `split` takes them off. Not an nn.Module on purpose: set as `Attention.ip`, it is not
+    registered as a submodule, so the UNet's state_dict(), .to() and parameters() stay those of the UNet
+    (`sdlab.nn.ip_adapter.ip_adapter_attention` installs and removes it; the adapter owns the layers).
+    """
+
+    to_k: nn.Module  # Linear D -> inner, no bias
+    to_v: nn.Module
+    tokens: int  # N: how many trailing context tokens are image tokens
+    scale: float
+
+    def split(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T_text + N, D) -> text (B, T_text, D), image (B, N, D)."""
+        if context.shape[1] <= self.tokens:
+            raise ParameterError(
+                f"IP-Adapter attention expects the context to end with {self.tokens} image tokens after the "
+                f"text tokens; got a context of {context.shape[1]} tokens (append the image tokens to the text "
+                f"context along the token axis)"
+            )
+        return context[:, : -self.tokens], context[:, -self.tokens :]
+
+
 class Attention(nn.Module):
     """Multi-head attention of `query_dim`-wide tokens to themselves or to a context (cross-attention)."""
 
@@ -130,6 +160,7 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(kv_dim, inner, bias=bias)
         self.to_v = nn.Linear(kv_dim, inner, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])  # a list only for the checkpoint key "to_out.0"
+        self.ip: IPAttention | None = None  # IP-Adapter's image branch, cross-attention only (set by ip_adapter)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, N, query_dim), context: (B, T, context_dim) or None for self-attention -> (B, N, query_dim).
@@ -138,13 +169,24 @@ class Attention(nn.Module):
         key, so the result is the same, but one call's work and memory stay bounded and the call returns
         to Python between chunks, where a generation can be stopped (sdlab.interrupts)."""
         kv = x if context is None else context
+        ip_kv = None
+        if self.ip is not None and context is not None:
+            kv, image = self.ip.split(context)  # (B, T_text, D), (B, N, D)
+            ip_kv = (self.ip.to_k(image), self.ip.to_v(image)) if self.ip.scale != 0 else None  # (B, N, inner)
         k, v = self.to_k(kv), self.to_v(kv)  # (B, T, inner)
         chunk = query_chunk(k.shape[0], k.shape[1], k.shape[2])
         if chunk >= x.shape[1]:
-            return self.to_out[0](attention(self.to_q(x), k, v, self.heads, self.upcast))
-        parts = [self.to_out[0](attention(self.to_q(part), k, v, self.heads, self.upcast))
-                 for part in x.split(chunk, dim=1)]
-        return torch.cat(parts, dim=1)
+            return self._attend(x, k, v, ip_kv)
+        return torch.cat([self._attend(part, k, v, ip_kv) for part in x.split(chunk, dim=1)], dim=1)
+
+    def _attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                ip_kv: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """Queries of x (B, n, query_dim) attend to k, v (and to IP-Adapter's image keys and values)."""
+        q = self.to_q(x)  # (B, n, inner)
+        out = attention(q, k, v, self.heads, self.upcast)
+        if ip_kv is not None:
+            out = out + self.ip.scale * attention(q, *ip_kv, self.heads, self.upcast)
+        return self.to_out[0](out)
 
 
 class GEGLU(nn.Module):
