@@ -261,7 +261,8 @@ def check_refiner(config, refiner_config, params: GenerationParams) -> Generatio
         raise ParameterError(
             f"the refiner {refiner_config.name!r} works on other latents ({theirs}) than the model "
             f"{config.name!r} ({mine}); pick a refiner of the same family")
-    return params.resolved(refiner_config)  # its own limits (clip skip) hold too
+    # Its own limits (clip skip) hold too; control units steer the base only.
+    return params.replace(control=()).resolved(refiner_config)
 
 
 def _with_refiner(model, refiner, denoiser, texts, params, spec, schedule) -> SwitchingDenoiser:
