@@ -126,10 +126,40 @@ def _add_generate(sub, mode: str, common) -> None:
                    metavar="F", help="the fraction of the steps after which the refiner takes over (default: 0.8)")
     p.add_argument("--lora-dir", type=Path, action="append", dest="lora_dirs", metavar="DIR",
                    help="where <lora:name:w> prompt tags find name.safetensors (repeatable; default: loras)")
+    _add_control_flags(p)
     p.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs)")
     p.add_argument("--save-steps", choices=("gif", "grid"), help="also save the x0 preview of each step")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_generate, mode=mode)
+
+
+# Per-unit control flags (dest, metavar, flag, type, default, help): each is given once for all units or once per
+# --controlnet, in the same order.
+CONTROL_FLAGS = (
+    ("control_images", "IMAGE", "--control-image", Path, None, "the control image (edges, depth, pose...) or, with "
+     "--control-preprocessor, the picture to make it from"),
+    ("control_scales", "S", "--control-scale", float, 1.0, "the unit's weight"),
+    ("control_starts", "A", "--control-start", float, 0.0, "fraction of the steps after which it acts"),
+    ("control_ends", "B", "--control-end", float, 1.0, "fraction of the steps after which it stops"),
+    ("control_preprocessors", "NAME", "--control-preprocessor", str, "none", "make the control image from the picture: "
+     "canny, scribble_xdog, lineart_standard, tile_resample, blur_gaussian, shuffle, invert"),
+    ("control_modes", "MODE", "--control-mode", str, "balanced", "balanced, prompt (my prompt is more important), "
+     "control (ControlNet is more important)"),
+    ("control_resize", "MODE", "--control-resize", str, "Crop and Resize", "how a control image of another size is "
+     "fitted: 'Just Resize', 'Crop and Resize', 'Resize and Fill'"),
+)
+
+
+def _add_control_flags(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("control", "ControlNet / T2I-Adapter units: each --controlnet starts one; the "
+                                 "flags below are given once (for every unit) or once per --controlnet")
+    group.add_argument("--controlnet", action="append", dest="controlnets", default=[], metavar="PATH_OR_NAME",
+                       help="a ControlNet or T2I-Adapter (folder or file), or its name in --controlnet-dir")
+    for dest, metavar, flag, kind, default, help_text in CONTROL_FLAGS:
+        group.add_argument(flag, action="append", dest=dest, type=kind, default=[], metavar=metavar,
+                           help=f"{help_text} (default: {default})" if default is not None else help_text)
+    group.add_argument("--controlnet-dir", type=Path, action="append", dest="controlnet_dirs", default=[],
+                       metavar="DIR", help="where --controlnet names are looked up (repeatable; default: controlnet)")
 
 
 def _add_param_flags(p: argparse.ArgumentParser, *, with_image: bool) -> None:
@@ -289,6 +319,7 @@ def cmd_generate(args) -> int:
     check_output_folder(args.out, name=f"--out {args.out}")  # before minutes of work are spent on images
     model, info = _load_model(args, png_model)
     refiner = _load_refiner(args, png_model)
+    base = base.replace(control=_control_units(args, model, base))
     if getattr(args, "prompts", None):
         rank, world = process_rank()
         if base.seed is None:
@@ -414,6 +445,61 @@ def _generate_and_save(model, info, params: GenerationParams, args, refiner=None
                                     sibling_names(paths[0], suffix)))
         print(paths[-1], flush=True)
     return paths
+
+
+def _control_units(args, model, params: GenerationParams) -> tuple:
+    """The --controlnet units: networks loaded in the model's dtype, control images made by the preprocessor
+    at the output's resolution (pixel perfect, as A1111's option)."""
+    from .control import ControlUnit, load_control_network, preprocess
+    from .control.preprocess import RESOLUTION_RANGE, pixel_perfect_resolution, resize_mode_name
+
+    n = len(args.controlnets)
+    values = {dest: _per_unit(getattr(args, dest), n, flag, default)
+              for dest, _, flag, _, default, _ in CONTROL_FLAGS}
+    if n == 0:
+        return ()
+    if any(image is None for image in values["control_images"]):
+        raise ParameterError("each --controlnet needs a --control-image")
+    resolved = params.resolved(model.config)  # the output size
+    units = []
+    for i, source in enumerate(args.controlnets):
+        net = load_control_network(_control_path(source, args), dtype=model.dtype, device=model.device,
+                                   plain=getattr(args, "plain", False))
+        image = _open_image(values["control_images"][i], "--control-image")
+        resize = resize_mode_name(values["control_resize"][i])
+        module = values["control_preprocessors"][i]
+        if module != "none":
+            low, high = RESOLUTION_RANGE
+            side = pixel_perfect_resolution(image, resolved.width, resolved.height, resize)
+            image = preprocess(module, image, resolution=min(max(side, low), high), seed=resolved.seed)
+        units.append(ControlUnit(net, image, scale=values["control_scales"][i], start=values["control_starts"][i],
+                                 end=values["control_ends"][i], mode=values["control_modes"][i], resize_mode=resize,
+                                 name=Path(source).stem, module=module))
+    return tuple(units)
+
+
+def _per_unit(given: list, n: int, flag: str, default) -> list:
+    if not given:
+        return [default] * n
+    if len(given) in (1, n):
+        return list(given) * (n // len(given)) if n else []
+    raise ParameterError(f"{flag} was given {len(given)} times for {n} --controlnet units: give it once (for "
+                         "every unit) or once per --controlnet")
+
+
+def _control_path(source: str, args) -> Path:
+    """--controlnet as a path the user gave, else a name in --controlnet-dir (a file or a diffusers folder)."""
+    from .resources import ResourceFolder, check_name
+
+    path = Path(source)
+    if path.exists():
+        return path
+    check_name("ControlNet", source)
+    folders = args.controlnet_dirs or [Path("controlnet")]
+    for folder in folders:
+        if (folder / source / "config.json").is_file():
+            return folder / source
+    return ResourceFolder("ControlNet", folders, (".safetensors", ".pth", ".ckpt", ".pt")).path(source)
 
 
 def _lora_folder(args):

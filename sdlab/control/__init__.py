@@ -13,10 +13,10 @@
   at every step in `sdlab.diffusion.control`.
 """
 
-from sdlab.control.files import load_controlnet, save_controlnet
+from sdlab.control.files import load_control_network, load_controlnet, save_controlnet
 from sdlab.control.preprocess import PREPROCESSORS, RESIZE_MODES, preprocess, resize_control_image
 from sdlab.control.unit import CONTROL_MODES, ControlUnit, check_family
 from sdlab.nn.t2i_adapter import load_t2i_adapter
 
-__all__ = ["CONTROL_MODES", "PREPROCESSORS", "RESIZE_MODES", "ControlUnit", "check_family", "load_controlnet",
+__all__ = ["CONTROL_MODES", "PREPROCESSORS", "RESIZE_MODES", "ControlUnit", "check_family", "load_control_network", "load_controlnet",
            "load_t2i_adapter", "preprocess", "resize_control_image", "save_controlnet"]

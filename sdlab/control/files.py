@@ -13,18 +13,34 @@ import stat
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from sdlab.checkpoints.configs import controlnet_from_diffusers, controlnet_to_diffusers
 from sdlab.checkpoints.diffusers_folder import read_json, write_json, read_component_weights
 from sdlab.checkpoints.atomic import atomic_folder
-from sdlab.checkpoints.io import check_path, write_safetensors
+from sdlab.checkpoints.io import check_path, read_checkpoint, write_safetensors
 from sdlab.control.single_file import read_controlnet_file
 from sdlab.errors import CheckpointError
 from sdlab.model import check_network_weights
 from sdlab.nn.controlnet import ControlNet
+from sdlab.nn.t2i_adapter import load_t2i_adapter
 from sdlab.perf import prepack
 
 WEIGHTS = "diffusion_pytorch_model"
+ADAPTER_MARKERS = ("body.", "adapter.")  # TencentARC's T2I-Adapter keys, and diffusers' T2IAdapter's
+
+
+def load_control_network(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device="cpu",
+                         plain: bool = False) -> nn.Module:
+    """A ControlNet or a T2I-Adapter, whichever the folder's config.json (_class_name) or the file's keys say."""
+    path = Path(path)
+    if stat.S_ISDIR(check_path(path).st_mode):
+        adapter = read_json(path / "config.json").get("_class_name") == "T2IAdapter"
+    else:
+        adapter = any(key.startswith(ADAPTER_MARKERS) for key in read_checkpoint(path).tensors)
+    if adapter:
+        return load_t2i_adapter(path, dtype=dtype, device=device)
+    return load_controlnet(path, dtype=dtype, device=device, plain=plain)
 
 
 def load_controlnet(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device="cpu",
