@@ -450,8 +450,8 @@ def _generate_and_save(model, info, params: GenerationParams, args, refiner=None
 def _control_units(args, model, params: GenerationParams) -> tuple:
     """The --controlnet units: networks loaded in the model's dtype, control images made by the preprocessor
     at the output's resolution (pixel perfect, as A1111's option)."""
-    from .control import ControlUnit, load_control_network, preprocess
-    from .control.preprocess import RESOLUTION_RANGE, pixel_perfect_resolution, resize_mode_name
+    from .control import ControlUnit, load_control_network
+    from .control.preprocess import RESOLUTION_RANGE, pixel_perfect_resolution, preprocess, resize_mode_name
 
     n = len(args.controlnets)
     values = {dest: _per_unit(getattr(args, dest), n, flag, default)
